@@ -27,7 +27,10 @@ class Implicit(Adjoint):
     ``dz*/dtheta = -(dF/dz)^-1 dF/dtheta``; reverse mode solves the transposed system
     ``(dF/dz)^T w = g`` and returns ``-(dF/dtheta)^T w``. Memory does not grow with
     the number of forward iterations, and the gradient is exact up to the forward
-    and backward tolerances.
+    and backward tolerances. Forward mode (``torch.func.jvp``) solves
+    ``(dF/dz) dz = -(dF/dtheta) dtheta``. The backward pass is first order: it is not
+    itself recorded, so second derivatives through the solve (``create_graph=True``)
+    miss this node's terms; use ``Unroll()`` where they are needed.
 
     Args:
         linear_solver: solver of the transposed system; ``None`` uses CG when the

@@ -166,30 +166,40 @@ def _finish(name, sol: Solution, value: torch.Tensor, flat: _Flat, needs_grad: b
     return out
 
 
+def _call_root(problem, z, *params):
+    return problem.root(z, params)
+
+
 def _solve(name, problem, flat: _Flat, z0, params, solver, adjoint, throw, return_solution):
     _check_solver(name, solver, adjoint)
     solver.check_problem(problem)
     params = tuple(params)
-    needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    # Derivatives are tracked whenever grad mode is on, so that torch.func transforms
+    # (whose tensors do not report requires_grad) see them; nothing is recorded when no
+    # input carries a derivative. Reverse-mode users get the checks and warnings.
+    track = torch.is_grad_enabled()
+    needs_grad = track and any(p.requires_grad for p in params)
     z0_flat = flat.flatten(z0)
 
-    if isinstance(adjoint, (Unroll, CheckpointedUnroll)) and needs_grad:
+    if isinstance(adjoint, (Unroll, CheckpointedUnroll)) and track:
         sol = solver.solve(problem, z0_flat, params, checkpoint=isinstance(adjoint, CheckpointedUnroll))
         return _finish(name, sol, sol.value, flat, needs_grad, throw, return_solution)
 
     with torch.no_grad():
         sol = solver.solve(problem, z0_flat.detach(), tuple(p.detach() for p in params))
     z = sol.value
-    if needs_grad:
+    if track:
         if isinstance(adjoint, Implicit):
-            _check_no_captured_grad(name, problem.root, z, params)
-            spec = ImplicitSpec(problem.root, problem.symmetric, adjoint.linear_solver, name)
+            root = functools.partial(_call_root, problem)
+            if needs_grad:
+                _check_no_captured_grad(name, root, z, params)
+            spec = ImplicitSpec(root, problem.symmetric, adjoint.linear_solver, name)
             z = implicit_solution(spec, z, params)
         elif isinstance(adjoint, (Truncated, OneStep)):
             steps = adjoint.steps if isinstance(adjoint, Truncated) else 1
             state = solver.init(problem, z.detach(), params)
             for _ in range(steps):
-                state = solver.step(problem, state, params)
+                state = solver.differentiable_step(problem, state, params)
             z = state["z"]
     return _finish(name, sol, z, flat, needs_grad, throw, return_solution)
 

@@ -11,10 +11,10 @@ import warnings
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
-from torch.func import jvp, vjp
+from torch.func import vjp
 
 from ..solvers import CG, GMRES, JacobianOperator, LinearSolver, Solution
+from ..solvers._operator import jvp_by_reverse_mode
 
 __all__ = ["ImplicitSpec", "implicit_solution"]
 
@@ -57,7 +57,8 @@ def _warn_if_failed(sol: Solution, what: str) -> None:
 class _ImplicitSolve(torch.autograd.Function):
     @staticmethod
     def forward(spec: ImplicitSpec, z: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        return z
+        # A view, not z itself: autograd refuses to save an input returned as-is.
+        return z.view_as(z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -73,9 +74,15 @@ class _ImplicitSolve(torch.autograd.Function):
     #     dL/dtheta = -(dF/dtheta)^T w         (one vjp of F w.r.t. the parameters)
     # Parameters broadcast over the batch get their gradient summed by that vjp.
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_z):
         spec = ctx.spec
+        # First order only: the backward is not recorded, so second derivatives through
+        # this node are zero (documented on Implicit).
+        with torch.no_grad():
+            return _ImplicitSolve._backward(spec, ctx, grad_z)
+
+    @staticmethod
+    def _backward(spec, ctx, grad_z):
         z, *params = ctx.saved_tensors
         wanted = [i for i, p in enumerate(params) if ctx.needs_input_grad[2 + i]]
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -97,14 +104,27 @@ class _ImplicitSolve(torch.autograd.Function):
                 grads[i] = g
         return (None, None, *grads)
 
-    # Forward mode: J dz* = -(dF/dtheta) dtheta, one jvp and one batched linear solve.
+    # Forward mode: J dz* = -(dF/dtheta) dtheta, one Jacobian product and one batched
+    # linear solve. Forward-mode AD cannot nest inside this method, so the products
+    # with J and dF/dtheta go through two reverse passes instead.
     @staticmethod
     def jvp(ctx, _spec_tangent, _z_tangent, *param_tangents):
         spec = ctx.spec
         z, *params = ctx.saved_tensors
         tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(params, param_tangents)]
-        rhs = jvp(lambda *p: spec.root(z, *p), tuple(params), tuple(tangents))[1]
-        J = JacobianOperator(lambda z_: spec.root(z_, *params), z, symmetric=spec.symmetric)
+        floating = [i for i, p in enumerate(params) if p.is_floating_point()]
+
+        def residual_of_params(*floating_params):
+            full = list(params)
+            for i, p in zip(floating, floating_params):
+                full[i] = p
+            return spec.root(z, *full)
+
+        with torch.enable_grad():
+            rhs = jvp_by_reverse_mode(
+                residual_of_params, tuple(params[i] for i in floating), tuple(tangents[i] for i in floating)
+            )
+        J = JacobianOperator(lambda z_: spec.root(z_, *params), z, symmetric=spec.symmetric, forward_ad=False)
         sol = spec.solver().solve(J, -rhs)
         _warn_if_failed(sol, f"{spec.name} forward-mode derivative")
         return sol.value

@@ -45,13 +45,13 @@ class CG(KrylovSolver):
         p, r, rz = s["p"], s["r"], s["rz"]
         Ap = A.mv(p)
         pAp = batch_dot(p, Ap)
-        alpha, zero_curvature = safe_divide(rz, pAp)
+        alpha, zero_curvature = safe_divide(rz.detach(), pAp.detach())
         # rz == 0 means r == 0 already: not a breakdown, just nothing left to do.
         breakdown = (pAp < 0) | (zero_curvature & (rz != 0))
         x = s["x"] + alpha[:, None] * p
         r = r - alpha[:, None] * Ap
         z = M.mv(r)
         rz_new = batch_dot(r, z)
-        beta, _ = safe_divide(rz_new, rz)
+        beta, _ = safe_divide(rz_new.detach(), rz.detach())
         failure = torch.where(breakdown, int(Status.BREAKDOWN), s["failure"])
         return {"x": x, "r": r, "p": z + beta[:, None] * p, "rz": rz_new, "failure": failure}

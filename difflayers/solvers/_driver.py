@@ -164,7 +164,8 @@ def iterate(
         if checkpoint and torch.is_grad_enabled():
             keys = list(state)
             values = _checkpoint(
-                lambda *vals: tuple(run_block(dict(zip(keys, vals))).values()),
+                # run_block is bound now: the backward pass recomputes this very block
+                lambda *vals, run_block=run_block: tuple(run_block(dict(zip(keys, vals))).values()),
                 *state.values(),
                 use_reentrant=False,
             )

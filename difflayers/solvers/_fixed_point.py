@@ -121,13 +121,26 @@ class Anderson(NonlinearSolver):
         return {"z": z0, "tz": tz, "X": X, "TX": TX, "count": count, "f0_norm": batch_norm(tz - z0)}
 
     def step(self, problem, state, params):
+        return self._step(problem, state, params, hold_weights=False)
+
+    def differentiable_step(self, problem, state, params):
+        """A step whose mixing weights are held constant under autograd (see
+        ``NonlinearSolver.differentiable_step``)."""
+        return self._step(problem, state, params, hold_weights=True)
+
+    def _step(self, problem, state, params, hold_weights):
         X, TX, count = state["X"], state["TX"], state["count"]
         m = self.memory
         slots = torch.arange(m, device=X.device)
         valid = slots[None, :] < count.clamp(max=m)[:, None]  # [B, m]
         latest = torch.nn.functional.one_hot((count - 1) % m, m).to(torch.bool)
 
+        # Held weights are constants for autograd: exact at convergence, where
+        # sum_i d(alpha_i) x_i = sum_i d(alpha_i) (x_i - z*) -> 0, and well conditioned
+        # there, unlike the weights' own derivative (~ 1 / ||residual||).
         G = (TX - X).to(torch.float64)
+        if hold_weights:
+            G = G.detach()
         gram = torch.einsum("bin,bjn->bij", G, G)
         pair = valid[:, :, None] & valid[:, None, :]
         eye = torch.eye(m, dtype=torch.float64, device=X.device)
@@ -218,11 +231,21 @@ class Broyden(NonlinearSolver):
         return x + torch.einsum("bin,bi->bn", U, torch.einsum("bin,bn->bi", V, x))
 
     def step(self, problem, state, params):
+        return self._step(problem, state, params, hold_estimate=False)
+
+    def differentiable_step(self, problem, state, params):
+        """A step whose inverse-Jacobian estimate is held constant under autograd (see
+        ``NonlinearSolver.differentiable_step``)."""
+        return self._step(problem, state, params, hold_estimate=True)
+
+    def _step(self, problem, state, params, hold_estimate):
         z, g, U, V, count = state["z"], state["g"], state["U"], state["V"], state["count"]
         s = -self.damping * self._apply(U, V, g)
         z_new = z + s
         g_new = problem.root(z_new, params)
         y = g_new - g
+        if hold_estimate:  # the update of H from detached quantities: gradients flow through F
+            s, y = s.detach(), y.detach()
         Hy = self._apply(U, V, y)
         sHy = batch_dot(s, Hy)
         Ht_s = self._apply(V, U, s)  # H^T s = s + sum_i v_i (u_i . s)

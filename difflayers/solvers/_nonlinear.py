@@ -31,6 +31,16 @@ class NonlinearSolver(IterativeSolver):
     def step(self, problem: Problem, state: State, params: Params) -> State:
         raise NotImplementedError
 
+    def differentiable_step(self, problem: Problem, state: State, params: Params) -> State:
+        """The step that ``Truncated`` and ``OneStep`` differentiate, restarted at a solution.
+
+        Defaults to ``step``. Solvers whose step depends on quantities that are
+        ill-conditioned functions of a vanishing residual (Anderson's mixing weights,
+        Broyden's inverse-Jacobian estimate) hold them constant here; derivatives then
+        flow through every evaluation of the problem, which is exact at convergence.
+        """
+        return self.step(problem, state, params)
+
     def residual(self, problem: Problem, state: State, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample ``(err, scale)``; converged when ``err <= atol + rtol * scale``."""
         raise NotImplementedError

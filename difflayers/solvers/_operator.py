@@ -20,6 +20,7 @@ __all__ = [
     "JacobianOperator",
     "IdentityOperator",
     "aslinearoperator",
+    "jvp_by_reverse_mode",
 ]
 
 
@@ -146,14 +147,19 @@ class MatvecOperator(LinearOperator):
 class JacobianOperator(LinearOperator):
     """The Jacobian ``dF/dz`` of a batched map ``F: [B, n] -> [B, n]`` at ``z``.
 
-    Products with ``J`` use forward mode (``torch.func.jvp``); products with ``J^T``
-    use a reverse-mode pullback computed once at construction and reused.
+    Products with ``J`` use forward mode (``torch.func.jvp``), or with
+    ``forward_ad=False`` two reverse passes (``J v`` is the vjp of the linear map
+    ``u -> J^T u``), for contexts where forward mode cannot nest. Products with ``J^T``
+    use a reverse-mode pullback computed once and reused.
 
     Args:
         fn: the map; sample ``b`` of ``fn(z)`` may depend only on sample ``b`` of ``z``.
         z: the linearization point ``[B, n]``.
         symmetric: declare ``J`` symmetric (true for the Hessian of an objective).
         positive_definite: declare ``J`` positive definite.
+        forward_ad: compute ``J v`` by forward mode or by double reverse mode; ``None``
+            (default) uses forward mode unless a ``torch.autograd.forward_ad`` dual level
+            is active, inside which forward mode cannot nest.
     """
 
     def __init__(
@@ -163,16 +169,20 @@ class JacobianOperator(LinearOperator):
         *,
         symmetric: bool = False,
         positive_definite: bool = False,
-        _pullback=None,
+        forward_ad: bool | None = None,
     ):
         self.fn = fn
         self.z = z
         self.symmetric = symmetric
         self.positive_definite = positive_definite
-        self._pullback = _pullback
+        self.forward_ad = forward_ad
+        self._pullback = None
 
     def mv(self, x: torch.Tensor) -> torch.Tensor:
-        return jvp(self.fn, (self.z,), (x,))[1]
+        forward = self.forward_ad if self.forward_ad is not None else not _inside_dual_level()
+        if forward:
+            return jvp(self.fn, (self.z,), (x,))[1]
+        return jvp_by_reverse_mode(self.fn, (self.z,), (x,))
 
     def _rmv(self, u: torch.Tensor) -> torch.Tensor:
         if self._pullback is None:
@@ -200,6 +210,24 @@ class IdentityOperator(LinearOperator):
     def as_matrix(self, like: torch.Tensor) -> torch.Tensor:
         batch, n = like.shape
         return torch.eye(n, dtype=like.dtype, device=like.device).expand(batch, n, n)
+
+
+def _inside_dual_level() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (forward mode then
+    cannot nest)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def jvp_by_reverse_mode(fn: Callable[..., torch.Tensor], primals: tuple, tangents: tuple) -> torch.Tensor:
+    """``J v`` of ``fn`` at ``primals`` without forward mode.
+
+    The pullback ``u -> J^T u`` is linear in ``u``; its own pullback applied to ``v``
+    is ``J v``. Costs two reverse passes; used where forward-mode AD cannot nest
+    (inside the ``jvp`` of a custom autograd Function).
+    """
+    out, pullback = vjp(fn, *primals)
+    _, pullback_of_pullback = vjp(pullback, torch.zeros_like(out))
+    return pullback_of_pullback(tuple(tangents))[0]
 
 
 def aslinearoperator(

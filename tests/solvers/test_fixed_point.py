@@ -1,5 +1,7 @@
 """Picard, Anderson, Broyden and the shared iteration driver."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from difflayers.solvers import (
 )
 
 D = torch.float64
-SOLVERS = [Picard(max_steps=3000), Anderson(), Anderson(memory=1), Broyden()]
+SOLVERS = [Picard(max_steps=3000), Anderson(), Anderson(memory=1, max_steps=3000), Broyden()]
 IDS = ["picard", "anderson", "anderson-m1", "broyden"]
 
 
@@ -49,7 +51,8 @@ def test_float32(solver):
     sol = solver.solve(FixedPointProblem(T_lin), torch.zeros_like(b), (A, b))
     assert sol.value.dtype == torch.float32
     assert bool(sol.converged.all())
-    torch.testing.assert_close(sol.value.double(), z_star, rtol=1e-4, atol=1e-4)
+    # residual <= 1e-5 ||z|| and ||(I - A)^-1|| <= 5
+    assert float((sol.value.double() - z_star).norm() / z_star.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
@@ -58,13 +61,16 @@ def test_batched_equals_loop_and_frozen_samples(solver):
     batched = solver.solve(FixedPointProblem(T_lin), torch.zeros_like(b), (A, b))
     for i in range(b.shape[0]):
         alone = solver.solve(FixedPointProblem(T_lin), torch.zeros_like(b[i : i + 1]), (A[i : i + 1], b[i : i + 1]))
-        torch.testing.assert_close(alone.value[0], batched.value[i], rtol=1e-9, atol=1e-9)
+        # both meet the tolerance; reductions ordered differently by batch size may
+        # stop them one iteration apart
+        torch.testing.assert_close(alone.value[0], batched.value[i], rtol=1e-7, atol=1e-8)
 
 
 def test_faster_methods_take_fewer_steps():
     A, b, _ = linear_problem(top=0.99)
     steps = {}
     for name, solver in zip(IDS, SOLVERS):
+        solver = dataclasses.replace(solver, max_steps=5000)
         sol = solver.solve(FixedPointProblem(T_lin), torch.zeros_like(b), (A, b))
         assert bool(sol.converged.all()), name
         steps[name] = int(sol.stats["num_steps"].max())

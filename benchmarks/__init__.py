@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of difflayers against the libraries users pick today."""

@@ -1,0 +1,35 @@
+"""Gradient verification for difflayers and for user code.
+
+* :func:`check_grad` -- reverse mode against directional central finite differences.
+* :func:`dot_product_test` -- forward mode against reverse mode, ``<u, J v> == <J^T u, v>``.
+* :func:`taylor_test` -- Taylor remainder convergence rates of the gradient of a functional.
+
+All three work in float64. Nothing in the library imports this package; tests and benchmarks do.
+
+Example:
+    >>> import torch
+    >>> from difflayers.testing import check_grad, dot_product_test, taylor_test
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> x, dx = torch.randn(2, 4, dtype=torch.float64, generator=gen)
+    >>> check_grad(torch.sin, x).passed and dot_product_test(torch.sin, x).passed
+    True
+    >>> taylor_test(lambda x: torch.sin(x).sum(), x, dx).passed()
+    True
+"""
+
+from difflayers.testing._gradcheck import (
+    DotProductResult,
+    GradCheckResult,
+    check_grad,
+    dot_product_test,
+)
+from difflayers.testing._taylor import TaylorResult, taylor_test
+
+__all__ = [
+    "check_grad",
+    "dot_product_test",
+    "taylor_test",
+    "GradCheckResult",
+    "DotProductResult",
+    "TaylorResult",
+]
