@@ -20,7 +20,7 @@ D = torch.float64
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+    return float(((a - b).norm() / b.norm().clamp_min(1e-300)).detach())
 
 
 def linear_solves(B: int, n: int) -> dict:
@@ -59,7 +59,7 @@ def equilibrium_layer(B: int, n: int) -> dict:
     fd = check_grad(lambda W, U: layer(W, U).square().sum(), (W, U), raise_exception=False)
     return {
         "what": f"fixed_point: equilibrium layer z = tanh(Wz + Ux), batch {B}, width {n}",
-        "solution error": float((z - T(z, W, U)).norm() / z.norm()),
+        "solution error": float(((z - T(z, W, U)).norm() / z.norm()).detach()),
         "gradient error": max(fd.max_error, rel_err(g_impl, g_unroll)),
         "steps": None,
     }

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ._driver import batch_dot
-from ._linear import KrylovSolver, safe_divide
+from ._linear import KrylovSolver
 from ._solution import Status
 
 __all__ = ["CG"]
@@ -45,13 +45,16 @@ class CG(KrylovSolver):
         p, r, rz = s["p"], s["r"], s["rz"]
         Ap = A.mv(p)
         pAp = batch_dot(p, Ap)
-        alpha, zero_curvature = safe_divide(rz.detach(), pAp.detach())
+        # Few, fused operations: on small systems CG is bound by per-operation overhead.
+        curved = pAp > 0
+        alpha = torch.where(curved, rz.detach() / torch.where(curved, pAp.detach(), 1.0), 0.0)
         # rz == 0 means r == 0 already: not a breakdown, just nothing left to do.
-        breakdown = (pAp < 0) | (zero_curvature & (rz != 0))
-        x = s["x"] + alpha[:, None] * p
-        r = r - alpha[:, None] * Ap
+        breakdown = ~curved & (rz != 0)
+        x = torch.addcmul(s["x"], alpha[:, None], p)
+        r = torch.addcmul(r, alpha[:, None], Ap, value=-1.0)
         z = M.mv(r)
         rz_new = batch_dot(r, z)
-        beta, _ = safe_divide(rz_new.detach(), rz.detach())
+        nonzero = rz != 0
+        beta = torch.where(nonzero, rz_new.detach() / torch.where(nonzero, rz.detach(), 1.0), 0.0)
         failure = torch.where(breakdown, int(Status.BREAKDOWN), s["failure"])
-        return {"x": x, "r": r, "p": z + beta[:, None] * p, "rz": rz_new, "failure": failure}
+        return {"x": x, "r": r, "p": torch.addcmul(z, beta[:, None], p), "rz": rz_new, "failure": failure}

@@ -55,7 +55,7 @@ def batch_norm(x: torch.Tensor) -> torch.Tensor:
 
 def batch_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Inner product of each pair of samples of ``[B, n]`` tensors, shape ``[B]``."""
-    return torch.einsum("bn,bn->b", x, y)
+    return torch.linalg.vecdot(x, y, dim=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -179,6 +179,10 @@ class JacobianOperator(LinearOperator):
         self._pullback = None
 
     def mv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric and self.forward_ad is None:
+            # J = J^T: replaying the cached pullback is cheaper than a forward-mode pass,
+            # which re-evaluates fn on every product.
+            return self._rmv(x)
         forward = self.forward_ad if self.forward_ad is not None else not _inside_dual_level()
         if forward:
             return jvp(self.fn, (self.z,), (x,))[1]

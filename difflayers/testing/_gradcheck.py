@@ -227,7 +227,7 @@ def _random_unit(like: Sequence[Tensor], gen: torch.Generator) -> tuple[Tensor, 
 
 def _dot(a: Sequence[Tensor | None], b: Sequence[Tensor]) -> float:
     """``sum_i <a_i, b_i>``; a ``None`` part (autograd's unused input) counts as zero."""
-    return sum(float((x * y).sum()) for x, y in zip(a, b) if x is not None)
+    return sum(float((x * y).sum().detach()) for x, y in zip(a, b) if x is not None)
 
 
 def _norm(a: Sequence[Tensor | None]) -> float:
