@@ -89,13 +89,13 @@ def ridge_hyperparameters(n: int, d: int, outer_steps: int) -> dict:
     w = torch.linalg.solve(H, X.T @ y / n)
     closed = -w * torch.linalg.solve(H, Xv.T @ (Xv @ w - yv) / n) * lam
     hyper = torch.autograd.grad(val_loss(log_lam), log_lam)[0]
-    first = float(val_loss(log_lam))
+    first = float(val_loss(log_lam).detach())
     opt = torch.optim.Adam([log_lam], lr=0.2)
     for _ in range(outer_steps):
         opt.zero_grad()
         val_loss(log_lam).backward()
         opt.step()
-    last = float(val_loss(log_lam))
+    last = float(val_loss(log_lam).detach())
     return {
         "what": f"argmin: ridge with {d} learned penalties, validation loss {first:.4f} -> {last:.4f}",
         "solution error": float("nan"),
