@@ -127,7 +127,7 @@ def run(repeats: int = 5, device: str = "cpu", quick: bool = False) -> str:
                 warnings.simplefilter("ignore", RuntimeWarning)  # Neumann/unroll are inexact by design
                 g = hypergrad(solve)
                 seconds, peak = measure(lambda: hypergrad(solve), device, repeats)
-            err = float((g - exact).norm() / exact.norm())
+            err = float(((g - exact).norm() / exact.norm()).detach())
             rows.append(Row(label, seconds, peak, err, anchor=is_anchor))
         tables.append(format_table(f"Hessian condition {kappa:.3g}", rows, "closed form"))
     return "\n\n".join(tables)

@@ -44,7 +44,7 @@ class ImplicitSpec:
 def _warn_if_failed(sol: Solution, what: str) -> None:
     if not bool(sol.converged.all()):
         bad = (~sol.converged).nonzero().flatten().tolist()
-        worst = float(sol.stats["residual"].max())
+        worst = float(sol.stats["residual"].detach().max())
         warnings.warn(
             f"{what}: the linear solve did not converge for samples {bad[:8]}"
             f"{' ...' if len(bad) > 8 else ''} (max residual {worst:.3e}); the gradient is inaccurate there. "

@@ -60,7 +60,7 @@ class KrylovSolver(IterativeSolver, LinearSolver):
             max_steps=self.max_steps,
             check_every=self.check_every,
         )
-        return Solution(value=state["x"], status=status, stats={"num_steps": num_steps, "residual": err})
+        return Solution(value=state["x"], status=status, stats={"num_steps": num_steps, "residual": err.detach()})
 
     # Subclasses implement the method itself.
     def _init(self, A: LinearOperator, M: LinearOperator, b: torch.Tensor, x: torch.Tensor) -> State:

@@ -68,4 +68,4 @@ class NonlinearSolver(IterativeSolver):
             check_every=self.check_every,
             checkpoint=checkpoint,
         )
-        return Solution(value=state["z"], status=status, stats={"num_steps": num_steps, "residual": err})
+        return Solution(value=state["z"], status=status, stats={"num_steps": num_steps, "residual": err.detach()})
