@@ -86,7 +86,7 @@ def format_table(title: str, rows: list[Row], reference: str) -> str:
     head += [f"time / {a.name}" for a in anchors]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.name + (f" ({r.note})" if r.note else ""), f"{1e3 * r.seconds:.2f}", f"{r.peak_mib:.1f}",
+        cells = [r.name + (f" ({r.note})" if r.note else ""), f"{1e3 * r.seconds:.2f}", f"{r.peak_mib:.2f}",
                  f"{r.error:.1e}"]
         cells += ["—" if r.anchor else f"{r.seconds / a.seconds:.2f}" for a in anchors]
         lines.append("| " + " | ".join(cells) + " |")

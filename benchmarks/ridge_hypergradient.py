@@ -88,8 +88,7 @@ def run(repeats: int = 5, device: str = "cpu", quick: bool = False) -> str:
         w0 = torch.zeros(d, dtype=dtype, device=device)
 
         def ours_argmin(lam_):
-            return dl.argmin(inner, w0, lam_, batched=False, solver=Newton(linear_solver=CG()),
-                             adjoint=dl.Implicit(linear_solver=CG()))
+            return dl.argmin(inner, w0, lam_, batched=False, solver=Newton(linear_solver=CG()))
 
         def ours_root(linear_solver):
             solve = dl.custom_root(optimality, linear_solver=linear_solver, symmetric=True, batched=False)(exact_inner)
@@ -103,7 +102,7 @@ def run(repeats: int = 5, device: str = "cpu", quick: bool = False) -> str:
 
         methods = [
             ("difflayers argmin: Newton-CG + implicit CG", ours_argmin, False),
-            ("difflayers custom_root + CG", ours_root(CG()), False),
+            ("difflayers custom_root + CG", ours_root(CG(atol=0.0)), False),
             ("difflayers custom_root + normal-equations CG", ours_root(NormalCG(cg=CG(max_steps=2000))), False),
             ("difflayers custom_root + Neumann(50), step 1/L",
              ours_root(Neumann(max_steps=50, step_size=1.0 / L, rtol=0.0, atol=0.0)), False),

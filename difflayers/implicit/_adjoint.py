@@ -34,7 +34,9 @@ class Implicit(Adjoint):
 
     Args:
         linear_solver: solver of the transposed system; ``None`` uses CG when the
-            Jacobian is symmetric (``argmin``, ``least_squares``) and GMRES otherwise.
+            Jacobian is symmetric (``argmin``, ``least_squares``) and GMRES otherwise,
+            with the dtype's default ``rtol`` and ``atol=0`` (the cotangent's scale
+            follows the loss, so only a relative tolerance keeps accuracy scale-free).
 
     References:
         Blondel et al., Efficient and Modular Implicit Differentiation (2022),

@@ -38,7 +38,9 @@ class ImplicitSpec:
     def solver(self) -> LinearSolver:
         if self.linear_solver is not None:
             return self.linear_solver
-        return CG() if self.symmetric else GMRES()
+        # Purely relative: the cotangent's scale is arbitrary (it follows the loss), so an
+        # absolute floor would make the gradient's accuracy depend on it.
+        return CG(atol=0.0) if self.symmetric else GMRES(atol=0.0)
 
 
 def _warn_if_failed(sol: Solution, what: str) -> None:
@@ -52,6 +54,18 @@ def _warn_if_failed(sol: Solution, what: str) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _root_of_params(spec: ImplicitSpec, z: torch.Tensor, params, indices: list[int]):
+    """``F(z, ...)`` as a function of the parameters at ``indices`` alone."""
+
+    def root(*chosen):
+        full = list(params)
+        for i, p in zip(indices, chosen):
+            full[i] = p
+        return spec.root(z, *full)
+
+    return root
 
 
 class _ImplicitSolve(torch.autograd.Function):
@@ -92,14 +106,7 @@ class _ImplicitSolve(torch.autograd.Function):
             J = JacobianOperator(lambda z_: spec.root(z_, *params), z, symmetric=spec.symmetric)
             sol = spec.solver().solve(J.T, grad_z.contiguous())
             _warn_if_failed(sol, f"{spec.name} backward")
-
-            def residual_of_params(*wanted_params):
-                full = list(params)
-                for i, p in zip(wanted, wanted_params):
-                    full[i] = p
-                return spec.root(z, *full)
-
-            pullback = vjp(residual_of_params, *[params[i] for i in wanted])[1]
+            pullback = vjp(_root_of_params(spec, z, params, wanted), *[params[i] for i in wanted])[1]
             for i, g in zip(wanted, pullback(-sol.value)):
                 grads[i] = g
         return (None, None, *grads)
@@ -113,16 +120,11 @@ class _ImplicitSolve(torch.autograd.Function):
         z, *params = ctx.saved_tensors
         tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(params, param_tangents)]
         floating = [i for i, p in enumerate(params) if p.is_floating_point()]
-
-        def residual_of_params(*floating_params):
-            full = list(params)
-            for i, p in zip(floating, floating_params):
-                full[i] = p
-            return spec.root(z, *full)
-
         with torch.enable_grad():
             rhs = jvp_by_reverse_mode(
-                residual_of_params, tuple(params[i] for i in floating), tuple(tangents[i] for i in floating)
+                _root_of_params(spec, z, params, floating),
+                tuple(params[i] for i in floating),
+                tuple(tangents[i] for i in floating),
             )
         J = JacobianOperator(lambda z_: spec.root(z_, *params), z, symmetric=spec.symmetric, forward_ad=False)
         sol = spec.solver().solve(J, -rhs)
