@@ -80,7 +80,7 @@ class IterativeSolver:
             value = getattr(self, name)
             if value is not None and not (value >= 0.0 and value < float("inf")):
                 raise ValueError(f"{type(self).__name__}: {name} must be a finite number >= 0, got {value!r}.")
-        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 0):
             raise ValueError(f"{type(self).__name__}: max_steps must be an int >= 0, got {self.max_steps!r}.")
         if not isinstance(self.check_every, int) or self.check_every < 1:
             raise ValueError(f"{type(self).__name__}: check_every must be an int >= 1, got {self.check_every!r}.")

@@ -41,7 +41,12 @@ class KrylovSolver(IterativeSolver, LinearSolver):
     """Base of the iterative linear solvers: shared set-up and stopping rule.
 
     A sample has converged when ``||b - A x|| <= atol + rtol * ||b||``.
+    ``max_steps=None`` (the default) allows ``10 n`` iterations for systems of size
+    ``n``: Krylov methods need a number of steps that grows with the conditioning,
+    which a fixed cap would cut short on large ill-conditioned systems.
     """
+
+    max_steps: int | None = None
 
     def solve(self, operator, b, *, x0=None, preconditioner=None) -> Solution:
         operator = aslinearoperator(operator)
@@ -57,7 +62,7 @@ class KrylovSolver(IterativeSolver, LinearSolver):
             state,
             rtol=rtol,
             atol=atol,
-            max_steps=self.max_steps,
+            max_steps=10 * b.shape[1] if self.max_steps is None else self.max_steps,
             check_every=self.check_every,
         )
         return Solution(value=state["x"], status=status, stats={"num_steps": num_steps, "residual": err.detach()})
