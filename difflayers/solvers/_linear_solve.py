@@ -50,6 +50,8 @@ class Auto(IterativeSolver, LinearSolver):
         Cholesky()
     """
 
+    max_steps: int | None = None  # None: the picked Krylov solver's own default, 10 n
+
     def select(self, operator: LinearOperator) -> LinearSolver:
         """The solver used for ``operator``."""
         if isinstance(operator, DenseOperator):
