@@ -121,16 +121,13 @@ def _as_operator(name: str, A, b: torch.Tensor, symmetric: bool, positive_defini
             A = DenseOperator(matrix, symmetric=A.symmetric, positive_definite=A.positive_definite)
         return aslinearoperator(A, symmetric=symmetric, positive_definite=positive_definite)
     if isinstance(A, torch.Tensor):
-        matrix = _check_matrix(name, A, b)
-        return DenseOperator(matrix, symmetric=symmetric, positive_definite=positive_definite)
-    if isinstance(A, LinearOperator):
-        return aslinearoperator(A, symmetric=symmetric, positive_definite=positive_definite)
-    if callable(A):
-        return MatvecOperator(A, symmetric=symmetric, positive_definite=positive_definite)
-    raise TypeError(
-        f"linear_solve: {name} must be a LinearOperator, a tensor of shape [B, n, n] or [n, n], or a "
-        f"callable matvec x [B, n] -> A x [B, n]; got {type(A).__name__}."
-    )
+        A = _check_matrix(name, A, b)
+    elif not (isinstance(A, LinearOperator) or callable(A)):
+        raise TypeError(
+            f"linear_solve: {name} must be a LinearOperator, a tensor of shape [B, n, n] or [n, n], or a "
+            f"callable matvec x [B, n] -> A x [B, n]; got {type(A).__name__}."
+        )
+    return aslinearoperator(A, symmetric=symmetric, positive_definite=positive_definite)
 
 
 def linear_solve(
