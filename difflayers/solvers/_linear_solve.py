@@ -13,7 +13,7 @@ from ._driver import IterativeSolver
 from ._gmres import GMRES
 from ._linear import LinearSolver, check_rhs
 from ._minres import MINRES
-from ._operator import DenseOperator, LinearOperator, MatvecOperator, aslinearoperator
+from ._operator import DenseOperator, LinearOperator, aslinearoperator
 from ._solution import Solution
 
 __all__ = ["linear_solve", "Auto"]
