@@ -24,6 +24,9 @@ class Status(enum.IntEnum):
     NONFINITE = 2
     BREAKDOWN = 3
     LINE_SEARCH_FAILED = 4
+    INACCURATE = 5
+    PRIMAL_INFEASIBLE = 6
+    DUAL_INFEASIBLE = 7
 
     @property
     def message(self) -> str:
@@ -51,6 +54,21 @@ _MESSAGES = {
         "the line search could not decrease the residual: the Jacobian may be singular "
         "or wrong near this point. Try another initial guess, Levenberg-Marquardt, or "
         "check that the function is differentiable."
+    ),
+    Status.INACCURATE: (
+        "stopped at max_steps with only a reduced accuracy (residuals within 1e4 times the "
+        "tolerances); the value is usable but less precise than asked. Rescale the data "
+        "(entries of order one), use float64, or raise max_steps."
+    ),
+    Status.PRIMAL_INFEASIBLE: (
+        "the constraints cannot be satisfied: a certificate of primal infeasibility was "
+        "found. Check the constraint data (h, b, bounds) of this sample, or relax the "
+        "constraints (e.g. with slack variables and a penalty)."
+    ),
+    Status.DUAL_INFEASIBLE: (
+        "the problem is unbounded below (dual infeasible): the objective decreases "
+        "without limit along a feasible ray. Add bounds on the variables or a strictly "
+        "convex (quadratic) term."
     ),
 }
 

@@ -1,0 +1,411 @@
+"""Batched primal-dual interior point for cone programs with a quadratic objective.
+
+Problem (``K`` = zero cone x orthant x second-order cones, see ``Cones``)::
+
+    minimize    1/2 x'P x + q'x
+    subject to  A x + s = b,   s in K
+
+with dual ``maximize -1/2 x'P x - b'z  s.t.  P x + q + A'z = 0, z in K*``.
+
+The method follows the homogeneous self-dual embedding with a quadratic objective
+(Goulart and Chen, Clarabel, arXiv:2405.12762): the unknowns ``(x, z, s, tau,
+kappa)`` satisfy
+
+    P x + A'z + q tau = 0,   A x + s - b tau = 0,   q'x + b'z + kappa + x'P x / tau = 0,
+
+with ``s o z = 0`` and ``tau kappa = 0``. A solution with ``tau > 0`` gives the optimum
+``(x, z, s) / tau``; one with ``tau -> 0, kappa > 0`` is a certificate of primal
+(``b'z < 0, A'z = 0``) or dual (``q'x < 0, P x = 0, A x + s = 0``) infeasibility, so
+every element of a batch ends with a status and never spoils the others.
+
+Each iteration is Mehrotra's predictor-corrector with Nesterov-Todd scaling: one
+factorization of the KKT matrix (``KKTFactorization``), three solves with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..solvers import IterativeSolver, Status, iterate
+from ._cone_algebra import ConeLayout
+from ._cones import Cones
+from ._kkt import KKTFactorization, _bmtv, _bmv
+
+__all__ = ["InteriorPoint"]
+
+
+def _inf_norm(v: torch.Tensor) -> torch.Tensor:
+    if v.shape[1] == 0:
+        return v.new_zeros(v.shape[0])
+    return v.abs().amax(dim=1)
+
+
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (u * v).sum(dim=1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InteriorPoint(IterativeSolver):
+    """Batched homogeneous self-dual interior point (LP, QP, SOCP), pure torch.
+
+    A sample is solved when its primal residual, dual residual and duality gap meet
+    ``atol + rtol * scale`` (scales: the norms of the terms of each residual, at least
+    1). It is declared primal or dual infeasible when a normalized certificate meets
+    ``infeasibility_tol``. At ``max_steps`` a sample whose residuals are within
+    ``1e4 x`` the tolerances is ``INACCURATE``, otherwise ``MAX_STEPS``.
+
+    Args:
+        rtol, atol: ``None`` picks ``1e-8, 1e-8`` in float64 and ``1e-5, 1e-6`` in
+            float32.
+        max_steps: iteration budget (interior point methods need 10-40).
+        check_every: iterations between two convergence checks (host syncs).
+        infeasibility_tol: tolerance of the normalized certificates; ``None`` picks
+            ``1e-8`` (float64) or ``1e-4`` (float32).
+        refine_steps: iterative-refinement steps per KKT solve; ``None`` picks 1 in
+            float64 and 3 in float32.
+        regularization: static regularization of the KKT matrix, relative to its
+            largest diagonal entry.
+        step_fraction: fraction of the step to the cone boundary taken.
+
+    References:
+        Goulart and Chen, Clarabel: An interior-point solver for conic programs with
+        quadratic objectives (2024), arXiv:2405.12762. Vandenberghe, The CVXOPT linear
+        and quadratic cone program solvers (2010). Domahidi, Chu and Boyd, ECOS (2013).
+    """
+
+    max_steps: int = 100
+    check_every: int = 1
+    infeasibility_tol: float | None = None
+    refine_steps: int | None = None
+    regularization: float = 1e-13
+    step_fraction: float = 0.99
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_steps is None:
+            raise ValueError("InteriorPoint: max_steps must be an int >= 0, got None.")
+        if self.infeasibility_tol is not None and not (0 < self.infeasibility_tol < 1):
+            raise ValueError(f"InteriorPoint: infeasibility_tol must be in (0, 1), got {self.infeasibility_tol!r}.")
+        if self.refine_steps is not None and (not isinstance(self.refine_steps, int) or self.refine_steps < 0):
+            raise ValueError(f"InteriorPoint: refine_steps must be an int >= 0, got {self.refine_steps!r}.")
+        if not (0 <= self.regularization < 1):
+            raise ValueError(f"InteriorPoint: regularization must be in [0, 1), got {self.regularization!r}.")
+        if not (0 < self.step_fraction < 1):
+            raise ValueError(f"InteriorPoint: step_fraction must be in (0, 1), got {self.step_fraction!r}.")
+
+    def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        rtol, atol = (1e-8, 1e-8) if dtype == torch.float64 else (1e-5, 1e-6)
+        return (rtol if self.rtol is None else self.rtol, atol if self.atol is None else self.atol)
+
+    def _infeasibility_tol(self, dtype) -> float:
+        if self.infeasibility_tol is not None:
+            return self.infeasibility_tol
+        return 1e-8 if dtype == torch.float64 else 1e-4
+
+    def _refine_steps(self, dtype) -> int:
+        if self.refine_steps is not None:
+            return self.refine_steps
+        return 1 if dtype == torch.float64 else 3
+
+    def factorize(self, P, A, cones: Cones, layout: ConeLayout, s, z) -> KKTFactorization:
+        """The KKT factorization at ``(s, z)`` (grouped layout), as used by the steps."""
+        p = cones.zero
+        scaling = layout.scaling(s[:, p:], z[:, p:])
+        return KKTFactorization(
+            P, A, p, scaling, refine_steps=self._refine_steps(A.dtype), regularization=self.regularization
+        )
+
+    def factorize_exact(self, P, A, cones: Cones, layout: ConeLayout, s, z) -> KKTFactorization:
+        """The KKT factorization of the exact derivative at a solution ``(s, z)``.
+
+        On the orthant the complementarity ``s_i z_i = 0`` linearizes, at a strictly
+        complementary solution, to ``ds_i = 0`` (active row, ``z_i > s_i``: an
+        equality) or ``dz_i = 0`` (inactive row: dropped). Using that limit instead of
+        the interior point's ``H = s / z`` removes the ``O(s_i / z_i)`` error of the
+        last iterate from the gradient. Second-order cones keep the scaling of the
+        final iterate (their derivative is exact up to the solver tolerance).
+        """
+        p, l = cones.zero, cones.nonneg
+        if l == 0:
+            return self.factorize(P, A, cones, layout, s, z)
+        active = z[:, p : p + l] > s[:, p : p + l]
+        A_l = A[:, p : p + l] * active[:, :, None].to(A.dtype)
+        A_sharp = torch.cat([A[:, :p], A_l, A[:, p + l :]], dim=1)
+        eq_diag = torch.cat([torch.zeros_like(s[:, :p]), (~active).to(A.dtype)], dim=1)
+        soc_layout = ConeLayout(Cones(soc=cones.soc), A.device)
+        scaling = soc_layout.scaling(s[:, p + l :], z[:, p + l :])
+        return KKTFactorization(
+            P,
+            A_sharp,
+            p + l,
+            scaling,
+            refine_steps=self._refine_steps(A.dtype),
+            regularization=self.regularization,
+            eq_diag=eq_diag,
+        )
+
+    # ------------------------------------------------------------------------------
+    def run(self, P, q, A, b, cones: Cones, layout: ConeLayout, warm_start=None):
+        """Solve a batch in the grouped row layout.
+
+        Returns ``(x, z, s, status, stats)`` with ``(x, z, s)`` already divided by
+        ``tau`` (for infeasible samples: the normalized certificate).
+        """
+        rtol, atol = self.tolerances(q.dtype)
+        eps_inf = self._infeasibility_tol(q.dtype)
+        refine = self._refine_steps(q.dtype)
+        batch, n, m, p = q.shape[0], q.shape[1], b.shape[1], cones.zero
+        dtype, device = q.dtype, q.device
+        degree = cones.degree
+        frac = self.step_fraction
+
+        def ineq(v):
+            return v[:, p:]
+
+        def with_eq(v_E, v_I):
+            return torch.cat([v_E, v_I], dim=1)
+
+        def Pmv(x):
+            return _bmv(P, x) if P is not None else torch.zeros_like(x)
+
+        q_norm, b_norm = _inf_norm(q), _inf_norm(b)
+
+        # -- initial point: one solve with W = I, then shift into the cone interior ----
+        if warm_start is None:
+            ident = layout.identity_scaling(batch, dtype, device)
+            kkt0 = KKTFactorization(P, A, p, ident, refine_steps=refine, regularization=self.regularization)
+            x, y = kkt0.solve(-q, b)
+            s_I, z_I = -ineq(y), ineq(y).clone()
+            z_E = y[:, :p]
+        else:
+            x, z_w, s_w = warm_start
+            s_I, z_I, z_E = ineq(s_w), ineq(z_w), z_w[:, :p]
+        e = layout.identity(batch, dtype, device)
+
+        def shift(u):
+            alpha = layout.min_eigenvalue(u)
+            amount = torch.where(alpha < 0, 1.0 - alpha, torch.zeros_like(alpha))
+            if warm_start is not None:
+                # a warm start sits on the boundary: move it to a well-centred interior
+                amount = torch.clamp_min(amount, 0.1 * (1.0 + _inf_norm(u)) - alpha.clamp_min(0.0))
+            return u + amount[:, None] * e
+
+        if layout.mi > 0:
+            s_I, z_I = shift(s_I), shift(z_I)
+        s = with_eq(torch.zeros_like(z_E), s_I)
+        z = with_eq(z_E, z_I)
+        one = torch.ones(batch, dtype=dtype, device=device)
+        state = {
+            "x": x,
+            "z": z,
+            "s": s,
+            "tau": one.clone(),
+            "kappa": one.clone(),
+            "failure": torch.zeros(batch, dtype=torch.int64, device=device),
+        }
+        state["err"] = torch.zeros_like(state["tau"])
+
+        def residuals(st):
+            x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
+            Px = Pmv(x)
+            Atz = _bmtv(A, z)
+            Ax = _bmv(A, x)
+            xPx = _dot(x, Px)
+            rx = Px + Atz + q * tau[:, None]
+            rz = Ax + s - b * tau[:, None]
+            rt = _dot(q, x) + _dot(b, z) + kappa + xPx / tau
+            return Px, Atz, Ax, xPx, rx, rz, rt
+
+        def measure(st):
+            """Normalized residuals and certificates (the driver's convergence test)."""
+            x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
+            Px, Atz, Ax, xPx, rx, rz, rt = residuals(st)
+            pres = _inf_norm(rz) / tau
+            dres = _inf_norm(rx) / tau
+            xPx_n = xPx / tau**2
+            qx, bz = _dot(q, x) / tau, _dot(b, z) / tau
+            pobj = 0.5 * xPx_n + qx
+            dobj = -0.5 * xPx_n - bz
+            gap = (pobj - dobj).abs()
+            pscale = torch.stack([b_norm, _inf_norm(Ax) / tau, _inf_norm(s) / tau, one], 1).amax(1)
+            dscale = torch.stack([q_norm, _inf_norm(Px) / tau, _inf_norm(Atz) / tau, one], 1).amax(1)
+            gscale = torch.stack([pobj.abs(), dobj.abs()], 1).amin(1).clamp_min(1.0)
+            err = torch.stack(
+                [pres / (atol + rtol * pscale), dres / (atol + rtol * dscale), gap / (atol + rtol * gscale)], 1
+            ).amax(1)
+            # certificates, normalized by -b'z (primal) and -q'x (dual)
+            bz_raw, qx_raw = _dot(b, z), _dot(q, x)
+            z_scale = torch.maximum(_inf_norm(z), one)
+            x_scale = torch.maximum(_inf_norm(x), one)
+            p_inf = (bz_raw < 0) & (_inf_norm(Atz) <= -bz_raw * eps_inf * torch.maximum(one, _inf_norm(A.flatten(1)))) & (
+                -bz_raw > eps_inf * z_scale
+            )
+            d_inf = (
+                (qx_raw < 0)
+                & (_inf_norm(Px) <= -qx_raw * eps_inf)
+                & (_inf_norm(Ax + s) <= -qx_raw * eps_inf * torch.maximum(one, b_norm))
+                & (-qx_raw > eps_inf * x_scale)
+            )
+            infeasible = (kappa > tau) | (tau < eps_inf)
+            return err, p_inf & infeasible, d_inf & infeasible & ~(p_inf & infeasible)
+
+        def step(st):
+            x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
+            Px, Atz, Ax, xPx, rx, rz, rt = residuals(st)
+            s_I, z_I = ineq(s), ineq(z)
+            mu = (_dot(s_I, z_I) + tau * kappa) / (degree + 1)
+            kkt = self.factorize(P, A, cones, layout, s, z)
+            W = kkt.scaling
+            lam = W.lam
+            # the tau-coupling direction: K [dx2; dz2] = [-q; b]
+            dx2, dz2 = kkt.solve(-q, b)
+            xt = x / tau[:, None]
+            c_tau = q + 2.0 * Px / tau[:, None]
+            v = dx2 - xt
+            denom = -(_dot(v, Pmv(v)) + _dot(W.apply(ineq(dz2)), W.apply(ineq(dz2))) + kappa / tau)
+
+            def direction(dxr, dzr, dtr, ds, dk):
+                # eliminate ds = W (lam o\ ds - W dz) and dkappa = (dk - kappa dtau) / tau
+                rhs_z = dzr.clone()
+                rhs_z[:, p:] = rhs_z[:, p:] - W.apply(layout.divide(lam, ds))
+                dx1, dz1 = kkt.solve(dxr, rhs_z)
+                dtau = (dtr - dk / tau - _dot(c_tau, dx1) - _dot(b, dz1)) / denom
+                ddx = dx1 + dtau[:, None] * dx2
+                ddz = dz1 + dtau[:, None] * dz2
+                dds_I = W.apply(layout.divide(lam, ds) - W.apply(ineq(ddz)))
+                ddk = (dk - kappa * dtau) / tau
+                return ddx, ddz, dds_I, dtau, ddk
+
+            def step_length(dds_I, ddz, dtau, dk):
+                a = torch.minimum(layout.max_step(s_I, dds_I), layout.max_step(z_I, ineq(ddz)))
+                a = torch.minimum(a, torch.where(dtau < 0, -tau / dtau, torch.full_like(tau, float("inf"))))
+                a = torch.minimum(a, torch.where(dk < 0, -kappa / dk, torch.full_like(tau, float("inf"))))
+                return a
+
+            # predictor (affine scaling)
+            lam2 = layout.product(lam, lam)
+            a_dx, a_dz, a_ds, a_dt, a_dk = direction(-rx, -rz, -rt, -lam2, -tau * kappa)
+            alpha = step_length(a_ds, a_dz, a_dt, a_dk).clamp(max=1.0)
+            sigma = (1.0 - alpha) ** 3
+            # corrector: centring plus Mehrotra's second-order term
+            smu = (sigma * mu)[:, None]
+            ds = -lam2 - layout.product(W.apply_inverse(a_ds), W.apply(ineq(a_dz))) + smu * e
+            dk = -tau * kappa - a_dt * a_dk + sigma * mu
+            g = (1.0 - sigma)[:, None]
+            c_dx, c_dz, c_ds, c_dt, c_dk = direction(-g * rx, -g * rz, -(1.0 - sigma) * rt, ds, dk)
+            alpha = (frac * step_length(c_ds, c_dz, c_dt, c_dk)).clamp(max=1.0)
+            a = alpha[:, None]
+            new = {
+                "x": x + a * c_dx,
+                "z": z + a * c_dz,
+                "s": with_eq(s[:, :p], s_I + a * c_ds),
+                "tau": tau + alpha * c_dt,
+                "kappa": kappa + alpha * c_dk,
+            }
+            bad = torch.zeros_like(tau, dtype=torch.bool)
+            for value in new.values():
+                bad = bad | ~torch.isfinite(value.reshape(batch, -1)).all(1)
+            # Near the solution the KKT matrix becomes too ill-conditioned for the
+            # working precision; a step that makes the residuals much worse is then
+            # rejected and the sample stops at the (reduced-accuracy) current point.
+            new_err = measure(new)[0]
+            stalled = (new_err > 10.0 * st["err"]) & (st["err"] <= 1e4)
+            keep = stalled[:, None]
+            new = {k: torch.where(keep if v.dim() > 1 else stalled, st[k], v) for k, v in new.items()}
+            failure = torch.where(stalled, int(Status.INACCURATE), 0)
+            new["failure"] = torch.where(bad | (kkt.info > 0), int(Status.NONFINITE), failure)
+            new["err"] = torch.where(stalled, st["err"], new_err)
+            return new
+
+        certificates = {}
+
+        def residual_fn(st):
+            err, p_inf, d_inf = measure(st)
+            failure = torch.where(p_inf, int(Status.PRIMAL_INFEASIBLE), 0)
+            failure = torch.where(d_inf, int(Status.DUAL_INFEASIBLE), failure)
+            failure = torch.where(st["failure"] != 0, st["failure"], failure)
+            st["failure"] = failure  # read by the driver right after this call
+            st["err"] = err  # read by the next step
+            certificates["err"] = err
+            return err, torch.zeros_like(err)
+
+        state, status, num_steps, err = iterate(
+            step, residual_fn, state, rtol=0.0, atol=1.0, max_steps=self.max_steps, check_every=self.check_every
+        )
+        status = torch.where((status == int(Status.MAX_STEPS)) & (err <= 1e4), int(Status.INACCURATE), status)
+        tau = state["tau"]
+        x, z, s = state["x"], state["z"], state["s"]
+        # optimal point (tau > 0) or normalized certificate (infeasible samples)
+        p_inf = status == int(Status.PRIMAL_INFEASIBLE)
+        d_inf = status == int(Status.DUAL_INFEASIBLE)
+        scale = torch.where(p_inf, -_dot(b, z), torch.where(d_inf, -_dot(q, x), tau))
+        scale = torch.where(scale.abs() > 0, scale, torch.ones_like(scale))[:, None]
+        x, z, s = x / scale, z / scale, s / scale
+        stats = {"num_steps": num_steps, "residual": err, "tau": tau, "kappa": state["kappa"]}
+        return x, z, s, status, stats
+
+    def center(self, P, q, A, b, cones: Cones, layout: ConeLayout, x, z, s, barrier: float):
+        """Move a solution to the central-path point with barrier parameter ``barrier``.
+
+        Newton's method on ``P x + A'z + q = 0``, ``A x + s = b``, ``s o z = barrier e``
+        (``tau = 1``), started from ``(x, z, s)`` pushed into the interior. The result is
+        the minimizer of ``1/2 x'P x + q'x - barrier * sum log det(b - A x)`` over the
+        cone rows (one log-barrier term per orthant row and per second-order cone).
+
+        Returns ``(x, z, s, status, num_steps)``.
+        """
+        rtol, atol = self.tolerances(q.dtype)
+        batch, p = q.shape[0], cones.zero
+        e = layout.identity(batch, q.dtype, q.device)
+        root = barrier**0.5
+        s_I = s[:, p:] + root * e
+        z_I = z[:, p:] + root * e
+        state = {"x": x, "z": torch.cat([z[:, :p], z_I], 1), "s": torch.cat([s[:, :p], s_I], 1)}
+        q_norm, b_norm = _inf_norm(q), _inf_norm(b)
+        one = torch.ones(batch, dtype=q.dtype, device=q.device)
+
+        def Pmv(v):
+            return _bmv(P, v) if P is not None else torch.zeros_like(v)
+
+        def res(st):
+            x, z, s = st["x"], st["z"], st["s"]
+            rx = Pmv(x) + _bmtv(A, z) + q
+            rz = _bmv(A, x) + s - b
+            rc = layout.product(s[:, p:], z[:, p:]) - barrier * e
+            return rx, rz, rc
+
+        def residual_fn(st):
+            rx, rz, rc = res(st)
+            pscale = torch.maximum(torch.maximum(b_norm, _inf_norm(st["s"])), one)
+            dscale = torch.maximum(q_norm, one)
+            err = torch.stack(
+                [
+                    _inf_norm(rx) / (atol + rtol * dscale),
+                    _inf_norm(rz) / (atol + rtol * pscale),
+                    _inf_norm(rc) / (barrier * max(rtol, 1e3 * torch.finfo(q.dtype).eps)),
+                ],
+                1,
+            ).amax(1)
+            return err, torch.zeros_like(err)
+
+        def step(st):
+            x, z, s = st["x"], st["z"], st["s"]
+            rx, rz, _ = res(st)
+            kkt = self.factorize(P, A, cones, layout, s, z)
+            W = kkt.scaling
+            ds = barrier * e - layout.product(W.lam, W.lam)
+            corr = W.apply(layout.divide(W.lam, ds))
+            rhs_z = -rz.clone()
+            rhs_z[:, p:] = rhs_z[:, p:] - corr
+            dx, dz = kkt.solve(-rx, rhs_z)
+            dsI = corr - W.apply(W.apply(dz[:, p:]))
+            alpha = torch.minimum(layout.max_step(s[:, p:], dsI), layout.max_step(z[:, p:], dz[:, p:]))
+            alpha = (self.step_fraction * alpha).clamp(max=1.0)[:, None]
+            return {"x": x + alpha * dx, "z": z + alpha * dz, "s": torch.cat([s[:, :p], s[:, p:] + alpha * dsI], 1)}
+
+        state, status, num_steps, _ = iterate(
+            step, residual_fn, state, rtol=0.0, atol=1.0, max_steps=self.max_steps, check_every=self.check_every
+        )
+        return state["x"], state["z"], state["s"], status, num_steps
