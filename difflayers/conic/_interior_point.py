@@ -31,6 +31,7 @@ import torch
 from ..solvers import IterativeSolver, Status, iterate
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
+from ._exact import ExactKKT
 from ._kkt import KKTFactorization, _bmtv, _bmv
 
 __all__ = ["InteriorPoint"]
@@ -117,33 +118,16 @@ class InteriorPoint(IterativeSolver):
             P, A, p, scaling, refine_steps=self._refine_steps(A.dtype), regularization=self.regularization
         )
 
-    def factorize_exact(self, P, A, cones: Cones, layout: ConeLayout, s, z) -> KKTFactorization:
-        """The KKT factorization of the exact derivative at a solution ``(s, z)``.
+    def factorize_exact(self, P, A, cones: Cones, layout: ConeLayout, s, z) -> ExactKKT:
+        """The factorized KKT system of the exact derivative at a solution ``(s, z)``.
 
-        On the orthant the complementarity ``s_i z_i = 0`` linearizes, at a strictly
-        complementary solution, to ``ds_i = 0`` (active row, ``z_i > s_i``: an
-        equality) or ``dz_i = 0`` (inactive row: dropped). Using that limit instead of
-        the interior point's ``H = s / z`` removes the ``O(s_i / z_i)`` error of the
-        last iterate from the gradient. Second-order cones keep the scaling of the
-        final iterate (their derivative is exact up to the solver tolerance).
+        Uses the limit of the complementarity linearization (active rows as
+        equalities, inactive rows dropped; see ``ExactKKT``) instead of the last
+        iterate's scaling, which would leave an error of the order of the solver
+        tolerance (and a constant one on second-order cones).
         """
-        p, l = cones.zero, cones.nonneg
-        if l == 0:
-            return self.factorize(P, A, cones, layout, s, z)
-        active = z[:, p : p + l] > s[:, p : p + l]
-        A_l = A[:, p : p + l] * active[:, :, None].to(A.dtype)
-        A_sharp = torch.cat([A[:, :p], A_l, A[:, p + l :]], dim=1)
-        eq_diag = torch.cat([torch.zeros_like(s[:, :p]), (~active).to(A.dtype)], dim=1)
-        soc_layout = ConeLayout(Cones(soc=cones.soc), A.device)
-        scaling = soc_layout.scaling(s[:, p + l :], z[:, p + l :])
-        return KKTFactorization(
-            P,
-            A_sharp,
-            p + l,
-            scaling,
-            refine_steps=self._refine_steps(A.dtype),
-            regularization=self.regularization,
-            eq_diag=eq_diag,
+        return ExactKKT(
+            P, A, cones, s, z, refine_steps=self._refine_steps(A.dtype), regularization=self.regularization
         )
 
     # ------------------------------------------------------------------------------
