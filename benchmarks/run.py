@@ -11,6 +11,7 @@ import importlib
 
 BENCHMARKS = {
     "ridge_hypergradient": "benchmarks.ridge_hypergradient",
+    "qp_layer": "benchmarks.qp_layer",
 }
 
 

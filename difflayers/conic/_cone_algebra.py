@@ -142,10 +142,15 @@ class ConeLayout:
         dl, ds = self.split(du)
         parts = [torch.where(dl < 0, -ul / dl, inf)]
         for c, dc in zip(us, ds):
+            if c.shape[-1] == 1:  # a one-dimensional cone is a ray: t >= 0
+                parts.append(torch.where(dc[..., 0] < 0, -c[..., 0] / dc[..., 0], inf))
+                continue
             a = dc[..., 0] ** 2 - (dc[..., 1:] ** 2).sum(-1)
             b = c[..., 0] * dc[..., 0] - (c[..., 1:] * dc[..., 1:]).sum(-1)
             cc = (c[..., 0] ** 2 - (c[..., 1:] ** 2).sum(-1)).clamp_min(0.0)
             disc = b * b - a * cc
+            # a tangent line has disc = 0; rounding must not turn it into "no root"
+            disc = torch.where(disc.abs() <= 1e-12 * (b * b + (a * cc).abs()), torch.zeros_like(disc), disc)
             root = torch.sqrt(disc.clamp_min(0.0))
             qq = -(b + torch.where(b >= 0, root, -root))
             r1 = torch.where(a != 0, qq / torch.where(a != 0, a, 1.0), inf)

@@ -65,18 +65,19 @@ def _rotation(u: torch.Tensor) -> torch.Tensor:
 class ExactKKT:
     """Factorized KKT system of the exact derivative at a solution ``(s, z)``.
 
-    ``solve(rx, rz)`` solves ``[[P, A'], [A, -H]] [dx; dz] = [rx; rz]`` with ``H`` the
+    ``ratio`` moves the active-set threshold on the orthant (active where
+    ``z_i > ratio * s_i``). ``solve(rx, rz)`` solves ``[[P, A'], [A, -H]] [dx; dz] = [rx; rz]`` with ``H`` the
     limit described in the module docstring (``dz = 0`` on dropped directions).
     Rows are in the interior point's grouped layout.
     """
 
-    def __init__(self, P, A, cones: Cones, s, z, *, refine_steps: int, regularization: float):
+    def __init__(self, P, A, cones: Cones, s, z, *, refine_steps: int, regularization: float, ratio: float = 1.0):
         p, l = cones.zero, cones.nonneg
         batch, n = A.shape[0], A.shape[2]
         dtype = A.dtype
         self.p, self.l = p, l
         self.soc_layout = ConeLayout(Cones(soc=cones.soc), A.device)
-        active = z[:, p : p + l] > s[:, p : p + l]
+        active = z[:, p : p + l] > ratio * s[:, p : p + l]
         eq_rows = [A[:, :p], A[:, p : p + l] * active[:, :, None].to(dtype)]
         eq_diag = [torch.zeros_like(s[:, :p]), (~active).to(dtype)]
         self.rotations = []

@@ -32,7 +32,7 @@ from ..solvers import IterativeSolver, Status, iterate
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
 from ._exact import ExactKKT
-from ._kkt import KKTFactorization, _bmtv, _bmv
+from ._kkt import DualKKTFactorization, DualPrecomputation, KKTFactorization, _bmtv, _bmv
 
 __all__ = ["InteriorPoint"]
 
@@ -40,7 +40,7 @@ __all__ = ["InteriorPoint"]
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
     if v.shape[1] == 0:
         return v.new_zeros(v.shape[0])
-    return v.abs().amax(dim=1)
+    return torch.linalg.vector_norm(v, ord=float("inf"), dim=1)
 
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -69,6 +69,7 @@ class InteriorPoint(IterativeSolver):
         regularization: static regularization of the KKT matrix, relative to its
             largest diagonal entry.
         step_fraction: fraction of the step to the cone boundary taken.
+        polish: refine LP and QP solutions on their active set (``refine_on_active_set``).
 
     References:
         Goulart and Chen, Clarabel: An interior-point solver for conic programs with
@@ -82,6 +83,7 @@ class InteriorPoint(IterativeSolver):
     refine_steps: int | None = None
     regularization: float = 1e-13
     step_fraction: float = 0.99
+    polish: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,15 +112,23 @@ class InteriorPoint(IterativeSolver):
             return self.refine_steps
         return 1 if dtype == torch.float64 else 3
 
-    def factorize(self, P, A, cones: Cones, layout: ConeLayout, s, z) -> KKTFactorization:
-        """The KKT factorization at ``(s, z)`` (grouped layout), as used by the steps."""
+    def factorize(self, P, A, cones: Cones, layout: ConeLayout, s, z, pre: DualPrecomputation | None = None):
+        """The KKT factorization at ``(s, z)`` (grouped layout), as used by the steps.
+
+        With ``pre`` (``P`` positive definite, ``m <= n``) only the ``m x m`` Schur
+        complement is factorized; otherwise the ``n x n`` reduced matrix.
+        """
         p = cones.zero
         scaling = layout.scaling(s[:, p:], z[:, p:])
-        return KKTFactorization(
-            P, A, p, scaling, refine_steps=self._refine_steps(A.dtype), regularization=self.regularization
-        )
+        return self._factorize(P, A, p, scaling, pre)
 
-    def factorize_exact(self, P, A, cones: Cones, layout: ConeLayout, s, z) -> ExactKKT:
+    def _factorize(self, P, A, p, scaling, pre):
+        options = dict(refine_steps=self._refine_steps(A.dtype), regularization=self.regularization)
+        if pre is not None:
+            return DualKKTFactorization(pre, p, scaling, **options)
+        return KKTFactorization(P, A, p, scaling, **options)
+
+    def factorize_exact(self, P, A, cones: Cones, layout: ConeLayout, s, z, ratio: float = 1.0) -> ExactKKT:
         """The factorized KKT system of the exact derivative at a solution ``(s, z)``.
 
         Uses the limit of the complementarity linearization (active rows as
@@ -127,8 +137,65 @@ class InteriorPoint(IterativeSolver):
         tolerance (and a constant one on second-order cones).
         """
         return ExactKKT(
-            P, A, cones, s, z, refine_steps=self._refine_steps(A.dtype), regularization=self.regularization
+            P, A, cones, s, z, refine_steps=self._refine_steps(A.dtype), regularization=self.regularization, ratio=ratio
         )
+
+    def refine_on_active_set(self, P, q, A, b, cones: Cones, layout: ConeLayout, x, z, s, status):
+        """Refine LP/QP solutions by solving the KKT system on the identified active set.
+
+        With active rows (``z_i > s_i``) as equalities and inactive ones dropped, the
+        KKT conditions are one linear system (the one ``ExactKKT`` factorizes):
+
+            P x + A_act' z_act = -q,      A_act x = b_act.
+
+        Its solution is the exact optimum when the active set is right; it is kept
+        for a sample when it is primal and dual feasible within the tolerances
+        (then the sample is ``SUCCESS``, also if the interior point had stopped
+        ``INACCURATE``). Degenerate samples keep the interior-point solution. Only for
+        problems without second-order cones.
+
+        Returns ``(x, z, s, status, polished [B] bool, kkt)``; ``kkt`` is the
+        factorization at the returned point, reused by the backward pass.
+        """
+        rtol, atol = self.tolerances(q.dtype)
+        p = cones.zero
+        one = torch.ones_like(q[:, 0])
+        ptol = atol + rtol * torch.maximum(_inf_norm(b), one)
+        dtol = atol + rtol * torch.maximum(_inf_norm(q), one)
+        usable = (status == int(Status.SUCCESS)) | (status == int(Status.INACCURATE))
+        done = torch.zeros_like(usable)
+        x0, z0, s0 = x, z, s
+        kkt_out = None
+        # Rows with both s_i and z_i small are ambiguous; if the natural split
+        # (z_i > s_i) gives an infeasible point, try counting them as active, then
+        # as inactive.
+        for ratio in (1.0, 1e-2, 1e2):
+            kkt = self.factorize_exact(P, A, cones, layout, s0, z0, ratio=ratio)
+            kkt_out = kkt if kkt_out is None else kkt_out
+            xp, zp = kkt.solve(-q, b)
+            active = torch.cat(
+                [torch.ones_like(s0[:, :p], dtype=torch.bool), (z0 > ratio * s0)[:, p:]], dim=1
+            )
+            sp = torch.where(active, torch.zeros_like(s0), b - _bmv(A, xp))
+            Px = _bmv(P, xp) if P is not None else torch.zeros_like(xp)
+            dres = _inf_norm(Px + _bmtv(A, zp) + q)
+            ok = usable & ~done & (dres <= dtol) & torch.isfinite(xp).all(1) & torch.isfinite(zp).all(1)
+            if layout.mi > 0:
+                ok = ok & (sp[:, p:].amin(1) >= -ptol) & (zp[:, p:].amin(1) >= -dtol)
+            keep = ok[:, None]
+            x = torch.where(keep, xp, x)
+            z = torch.where(keep, zp.clamp_min(0.0) if p == 0 else torch.cat([zp[:, :p], zp[:, p:].clamp_min(0.0)], 1), z)
+            s = torch.where(keep, sp.clamp_min(0.0), s)
+            done = done | ok
+            if ratio == 1.0:
+                kkt_out = kkt
+            if bool((done | ~usable).all()):
+                break
+        status = torch.where(done, int(Status.SUCCESS), status)
+        # the factorization for the backward pass must match the returned point
+        if not bool((done | ~usable).all()) or ratio != 1.0:
+            kkt_out = None
+        return x, z, s, status, done, kkt_out
 
     # ------------------------------------------------------------------------------
     def run(self, P, q, A, b, cones: Cones, layout: ConeLayout, warm_start=None):
@@ -155,11 +222,12 @@ class InteriorPoint(IterativeSolver):
             return _bmv(P, x) if P is not None else torch.zeros_like(x)
 
         q_norm, b_norm = _inf_norm(q), _inf_norm(b)
+        a_norm = _inf_norm(A.flatten(1))
 
         # -- initial point: one solve with W = I, then shift into the cone interior ----
+        pre = DualPrecomputation.try_build(P, A)
         if warm_start is None:
-            ident = layout.identity_scaling(batch, dtype, device)
-            kkt0 = KKTFactorization(P, A, p, ident, refine_steps=refine, regularization=self.regularization)
+            kkt0 = self._factorize(P, A, p, layout.identity_scaling(batch, dtype, device), pre)
             x, y = kkt0.solve(-q, b)
             s_I, z_I = -ineq(y), ineq(y).clone()
             z_E = y[:, :p]
@@ -189,7 +257,6 @@ class InteriorPoint(IterativeSolver):
             "kappa": one.clone(),
             "failure": torch.zeros(batch, dtype=torch.int64, device=device),
         }
-        state["err"] = torch.zeros_like(state["tau"])
 
         def residuals(st):
             x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
@@ -223,7 +290,7 @@ class InteriorPoint(IterativeSolver):
             bz_raw, qx_raw = _dot(b, z), _dot(q, x)
             z_scale = torch.maximum(_inf_norm(z), one)
             x_scale = torch.maximum(_inf_norm(x), one)
-            p_inf = (bz_raw < 0) & (_inf_norm(Atz) <= -bz_raw * eps_inf * torch.maximum(one, _inf_norm(A.flatten(1)))) & (
+            p_inf = (bz_raw < 0) & (_inf_norm(Atz) <= -bz_raw * eps_inf * torch.maximum(one, a_norm)) & (
                 -bz_raw > eps_inf * z_scale
             )
             d_inf = (
@@ -233,34 +300,46 @@ class InteriorPoint(IterativeSolver):
                 & (-qx_raw > eps_inf * x_scale)
             )
             infeasible = (kappa > tau) | (tau < eps_inf)
-            return err, p_inf & infeasible, d_inf & infeasible & ~(p_inf & infeasible)
+            p_inf = p_inf & infeasible
+            return {"err": err, "p_inf": p_inf, "d_inf": d_inf & infeasible & ~p_inf, "Px": Px, "Atz": Atz, "Ax": Ax}
 
         def step(st):
             x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
-            Px, Atz, Ax, xPx, rx, rz, rt = residuals(st)
+            Px, Atz, Ax = st["Px"], st["Atz"], st["Ax"]
+            rx = Px + Atz + q * tau[:, None]
+            rz = Ax + s - b * tau[:, None]
+            rt = _dot(q, x) + _dot(b, z) + kappa + _dot(x, Px) / tau
             s_I, z_I = ineq(s), ineq(z)
             mu = (_dot(s_I, z_I) + tau * kappa) / (degree + 1)
-            kkt = self.factorize(P, A, cones, layout, s, z)
+            kkt = self.factorize(P, A, cones, layout, s, z, pre)
             W = kkt.scaling
             lam = W.lam
-            # the tau-coupling direction: K [dx2; dz2] = [-q; b]
-            dx2, dz2 = kkt.solve(-q, b)
             xt = x / tau[:, None]
             c_tau = q + 2.0 * Px / tau[:, None]
-            v = dx2 - xt
-            denom = -(_dot(v, Pmv(v)) + _dot(W.apply(ineq(dz2)), W.apply(ineq(dz2))) + kappa / tau)
 
-            def direction(dxr, dzr, dtr, ds, dk):
-                # eliminate ds = W (lam o\ ds - W dz) and dkappa = (dk - kappa dtau) / tau
-                rhs_z = dzr.clone()
-                rhs_z[:, p:] = rhs_z[:, p:] - W.apply(layout.divide(lam, ds))
-                dx1, dz1 = kkt.solve(dxr, rhs_z)
+            def rhs(dzr, ds):
+                # eliminate ds = W (lam o\ ds - W dz): it enters the cone rows of the rhs
+                corr = W.apply(layout.divide(lam, ds))
+                return torch.cat([dzr[:, :p], dzr[:, p:] - corr], dim=1), corr
+
+            def finish(dx1, dz1, corr, dtr, dk):
+                # dtau from the tau row, then dkappa = (dk - kappa dtau) / tau
                 dtau = (dtr - dk / tau - _dot(c_tau, dx1) - _dot(b, dz1)) / denom
                 ddx = dx1 + dtau[:, None] * dx2
                 ddz = dz1 + dtau[:, None] * dz2
-                dds_I = W.apply(layout.divide(lam, ds) - W.apply(ineq(ddz)))
+                dds_I = corr - W.apply(W.apply(ineq(ddz)))
                 ddk = (dk - kappa * dtau) / tau
                 return ddx, ddz, dds_I, dtau, ddk
+
+            # the tau-coupling direction K [dx2; dz2] = [-q; b] and the predictor
+            # (affine-scaling) direction share one solve with two right-hand sides
+            lam2 = layout.product(lam, lam)
+            rz_aff, corr_aff = rhs(-rz, -lam2)
+            dxs, dzs = kkt.solve(torch.stack([-q, -rx], 1), torch.stack([b, rz_aff], 1))
+            dx2, dz2 = dxs[:, 0], dzs[:, 0]
+            v = dx2 - xt
+            wdz2 = W.apply(ineq(dz2))
+            denom = -(_dot(v, Pmv(v)) + _dot(wdz2, wdz2) + kappa / tau)
 
             def step_length(dds_I, ddz, dtau, dk):
                 a = torch.minimum(layout.max_step(s_I, dds_I), layout.max_step(z_I, ineq(ddz)))
@@ -268,9 +347,7 @@ class InteriorPoint(IterativeSolver):
                 a = torch.minimum(a, torch.where(dk < 0, -kappa / dk, torch.full_like(tau, float("inf"))))
                 return a
 
-            # predictor (affine scaling)
-            lam2 = layout.product(lam, lam)
-            a_dx, a_dz, a_ds, a_dt, a_dk = direction(-rx, -rz, -rt, -lam2, -tau * kappa)
+            a_dx, a_dz, a_ds, a_dt, a_dk = finish(dxs[:, 1], dzs[:, 1], corr_aff, -rt, -tau * kappa)
             alpha = step_length(a_ds, a_dz, a_dt, a_dk).clamp(max=1.0)
             sigma = (1.0 - alpha) ** 3
             # corrector: centring plus Mehrotra's second-order term
@@ -278,7 +355,9 @@ class InteriorPoint(IterativeSolver):
             ds = -lam2 - layout.product(W.apply_inverse(a_ds), W.apply(ineq(a_dz))) + smu * e
             dk = -tau * kappa - a_dt * a_dk + sigma * mu
             g = (1.0 - sigma)[:, None]
-            c_dx, c_dz, c_ds, c_dt, c_dk = direction(-g * rx, -g * rz, -(1.0 - sigma) * rt, ds, dk)
+            rz_c, corr_c = rhs(-g * rz, ds)
+            c_dx1, c_dz1 = kkt.solve(-g * rx, rz_c)
+            c_dx, c_dz, c_ds, c_dt, c_dk = finish(c_dx1, c_dz1, corr_c, -(1.0 - sigma) * rt, dk)
             alpha = (frac * step_length(c_ds, c_dz, c_dt, c_dk)).clamp(max=1.0)
             a = alpha[:, None]
             new = {
@@ -288,33 +367,34 @@ class InteriorPoint(IterativeSolver):
                 "tau": tau + alpha * c_dt,
                 "kappa": kappa + alpha * c_dk,
             }
-            bad = torch.zeros_like(tau, dtype=torch.bool)
-            for value in new.values():
-                bad = bad | ~torch.isfinite(value.reshape(batch, -1)).all(1)
-            # Near the solution the KKT matrix becomes too ill-conditioned for the
-            # working precision; a step that makes the residuals much worse is then
+            new.update(measure(new))  # NaN anywhere in the new point makes err NaN
+            bad = torch.isnan(new["err"])
+            # Near the solution the KKT matrix can become too ill-conditioned for the
+            # working precision; a step that does not reduce the residuals there is
             # rejected and the sample stops at the (reduced-accuracy) current point.
-            new_err = measure(new)[0]
-            stalled = (new_err > 10.0 * st["err"]) & (st["err"] <= 1e4)
+            near = st["err"] <= 1e4
+            slow = torch.where(new["err"] > 0.5 * st["err"], st["slow"] + 1, torch.zeros_like(st["slow"]))
+            stalled = near & ((slow >= 3) | (new["err"] > 100.0 * st["err"]))
+            new["slow"] = slow
             keep = stalled[:, None]
             new = {k: torch.where(keep if v.dim() > 1 else stalled, st[k], v) for k, v in new.items()}
             failure = torch.where(stalled, int(Status.INACCURATE), 0)
             new["failure"] = torch.where(bad | (kkt.info > 0), int(Status.NONFINITE), failure)
-            new["err"] = torch.where(stalled, st["err"], new_err)
             return new
 
         certificates = {}
 
         def residual_fn(st):
-            err, p_inf, d_inf = measure(st)
+            err, p_inf, d_inf = st["err"], st["p_inf"], st["d_inf"]
             failure = torch.where(p_inf, int(Status.PRIMAL_INFEASIBLE), 0)
             failure = torch.where(d_inf, int(Status.DUAL_INFEASIBLE), failure)
             failure = torch.where(st["failure"] != 0, st["failure"], failure)
             st["failure"] = failure  # read by the driver right after this call
-            st["err"] = err  # read by the next step
             certificates["err"] = err
             return err, torch.zeros_like(err)
 
+        state.update(measure(state))
+        state["slow"] = torch.zeros(batch, dtype=torch.int64, device=device)  # steps without progress
         state, status, num_steps, err = iterate(
             step, residual_fn, state, rtol=0.0, atol=1.0, max_steps=self.max_steps, check_every=self.check_every
         )

@@ -26,15 +26,19 @@ import torch
 
 from ._cone_algebra import ConeLayout, Scaling
 
-__all__ = ["KKTFactorization"]
+__all__ = ["KKTFactorization", "DualKKTFactorization", "DualPrecomputation"]
 
 
+# Row-vector products: on CPU a batched [1, n] x [n, m] product is several times
+# faster than the [m, n] x [n, 1] one.
 def _bmv(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (A @ x.unsqueeze(-1)).squeeze(-1)
+    """``A x`` for ``A [B, m, n]``, ``x [B, n]``."""
+    return torch.bmm(x.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
 
 
 def _bmtv(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (x.unsqueeze(-2) @ A).squeeze(-2)
+    """``A' x`` for ``A [B, m, n]``, ``x [B, m]``."""
+    return torch.bmm(x.unsqueeze(1), A).squeeze(1)
 
 
 class KKTFactorization:
@@ -73,73 +77,191 @@ class KKTFactorization:
         G = scaling.apply_inverse(A_I) if A_I.shape[1] > 0 else A_I  # W^-1 A_I
         if eq_diag is not None:
             self.keep = (eq_diag == 0).to(A.dtype)
+        # the regularization follows the data's scale, not the scaling W (whose
+        # entries span many orders of magnitude near a solution)
+        data_scale = A.square().sum(2).amax(1) if A.shape[1] > 0 else A.new_zeros(batch)
+        if P is not None:
+            data_scale = torch.maximum(data_scale, P.diagonal(dim1=1, dim2=2).abs().amax(1))
+        data_scale = data_scale.clamp_min(1.0)
         M = G.transpose(1, 2) @ G
         if P is not None:
             M = M + P
         if num_eq > 0:
-            # rho scales the equality block like the rest of M, so that neither dominates
-            self.rho = (M.diagonal(dim1=1, dim2=2).amax(-1).clamp_min(1.0) / A_E.square().sum((1, 2)).clamp_min(1e-300)
-                        * num_eq).clamp(1e-8, 1e8)
+            # rho scales the equality block like the data, so that neither dominates
+            mean_row = A_E.square().sum((1, 2)) / num_eq
+            self.rho = (data_scale / mean_row.clamp_min(torch.finfo(A.dtype).tiny)).clamp(1e-8, 1e8)
             M = M + self.rho[:, None, None] * (A_E.transpose(1, 2) @ A_E)
-        diag = M.diagonal(dim1=1, dim2=2)
-        eps = regularization * diag.abs().amax(-1).clamp_min(1.0)
+        eps = regularization * data_scale
         self.eps = eps
         M = M + eps[:, None, None] * torch.eye(n, dtype=A.dtype, device=A.device)
-        self.L, info = torch.linalg.cholesky_ex(M)
+        self.L, info = _cholesky(M, regularization)
         if num_eq > 0:
             Y = torch.cholesky_solve(A_E.transpose(1, 2), self.L)  # M^-1 A_E'
             S = A_E @ Y
             S = 0.5 * (S + S.transpose(1, 2))
             if eq_diag is not None:
                 S = S + torch.diag_embed(eq_diag)
-            Sd = S.diagonal(dim1=1, dim2=2).abs().amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
-            S = S + (regularization * Sd)[:, None, None] * torch.eye(num_eq, dtype=A.dtype, device=A.device)
-            self.LS, info_s = torch.linalg.cholesky_ex(S)
+            S = S + (regularization / self.rho)[:, None, None] * torch.eye(num_eq, dtype=A.dtype, device=A.device)
+            self.LS, info_s = _cholesky(S, regularization)
             info = torch.maximum(info, info_s)
         self.info = info  # > 0 where a factorization failed (that sample's step is NaN)
 
     # -- K and its regularized inverse -------------------------------------------------
+    # Right-hand sides are stacked as rows: dx [B, k, n], dz [B, k, m]. Solving k
+    # systems at once streams each matrix once instead of k times (the products are
+    # memory bound).
     def matvec(self, dx: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``K [dx; dz]`` with the exact (unregularized) ``K``."""
-        top = _bmtv(self.A, dz)
-        if self.P is not None:
-            top = top + _bmv(self.P, dx)
-        bottom = _bmv(self.A, dx)
-        if self.eq_diag is not None:
-            bottom = torch.cat([bottom[:, : self.p] - self.eq_diag * dz[:, : self.p], bottom[:, self.p :]], dim=1)
-        if bottom.shape[1] > self.p:
-            dz_I = dz[:, self.p :]
-            h = self.scaling.apply(self.scaling.apply(dz_I))
-            bottom = torch.cat([bottom[:, : self.p], bottom[:, self.p :] - h], dim=1)
-        return top, bottom
+        """``K [dx; dz]`` with the exact (unregularized) ``K``; rows are right-hand sides."""
+        return _kkt_matvec(self, dx, dz)
 
     def _solve_once(self, rx: torch.Tensor, rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r_E, r_I = rz[:, : self.p], rz[:, self.p :]
+        r_E, r_I = rz[:, :, : self.p], rz[:, :, self.p :]
         sc = self.scaling
-        w2r = sc.apply_inverse(sc.apply_inverse(r_I)) if r_I.shape[1] > 0 else r_I  # W^-2 r_I
-        t = rx + _bmtv(self.A_I, w2r)
+        w2r = _rows(sc.apply_inverse, _rows(sc.apply_inverse, r_I)) if r_I.shape[2] > 0 else r_I  # W^-2 r_I
+        t = rx + w2r @ self.A_I
         if self.p > 0:
-            t = t + self.rho[:, None] * _bmtv(self.A_E, r_E)
-            u = torch.cholesky_solve(t.unsqueeze(-1), self.L).squeeze(-1)
-            dz_E = torch.cholesky_solve((_bmv(self.A_E, u) - r_E).unsqueeze(-1), self.LS).squeeze(-1)
-            dx = torch.cholesky_solve((t - _bmtv(self.A_E, dz_E)).unsqueeze(-1), self.L).squeeze(-1)
+            t = t + self.rho[:, None, None] * (r_E @ self.A_E)
+            u = torch.cholesky_solve(t.transpose(1, 2), self.L)  # [B, n, k]
+            dz_E = torch.cholesky_solve(self.A_E @ u - r_E.transpose(1, 2), self.LS).transpose(1, 2)
+            dx = torch.cholesky_solve((t - dz_E @ self.A_E).transpose(1, 2), self.L).transpose(1, 2)
         else:
-            dx = torch.cholesky_solve(t.unsqueeze(-1), self.L).squeeze(-1)
+            dx = torch.cholesky_solve(t.transpose(1, 2), self.L).transpose(1, 2)
             dz_E = r_E
-        if r_I.shape[1] > 0:
-            dz_I = sc.apply_inverse(sc.apply_inverse(_bmv(self.A_I, dx))) - w2r
-            dz = torch.cat([dz_E, dz_I], dim=1)
+        if r_I.shape[2] > 0:
+            dz_I = _rows(sc.apply_inverse, _rows(sc.apply_inverse, dx @ self.A_I.transpose(1, 2))) - w2r
+            dz = torch.cat([dz_E, dz_I], dim=2)
         else:
             dz = dz_E
         return dx, dz
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Solve ``K [dx; dz] = [rx; rz]`` (``rx [B, n]``, ``rz [B, m]``), with refinement."""
-        if self.eq_diag is not None:
-            rz = torch.cat([rz[:, : self.p] * self.keep, rz[:, self.p :]], dim=1)
-        dx, dz = self._solve_once(rx, rz)
-        for _ in range(self.refine_steps):
-            kx, kz = self.matvec(dx, dz)
-            cx, cz = self._solve_once(rx - kx, rz - kz)
-            dx, dz = dx + cx, dz + cz
+        """Solve ``K [dx; dz] = [rx; rz]`` with refinement.
+
+        ``rx [B, n]``, ``rz [B, m]``, or ``k`` systems at once as ``[B, k, n]``,
+        ``[B, k, m]``.
+        """
+        return _refined_solve(self, rx, rz)
+
+
+def _cholesky(M: torch.Tensor, regularization: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched Cholesky factor of a symmetric positive semi-definite ``M``.
+
+    The caller's regularization follows the data's scale, which keeps the steps
+    accurate; where that leaves a matrix numerically indefinite (entries of the
+    scaling spanning more than the working precision), those samples are factorized
+    again with a regularization relative to their largest diagonal entry. Costs one
+    host sync.
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    bad = info > 0
+    if bool(bad.any()):
+        Mb = M[bad]
+        eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        shift = max(regularization, 1e3 * torch.finfo(M.dtype).eps) * Mb.diagonal(dim1=1, dim2=2).abs().amax(-1)
+        Lb, info_b = torch.linalg.cholesky_ex(Mb + shift[:, None, None] * eye)
+        L, info = L.clone(), info.clone()
+        L[bad], info[bad] = Lb, info_b
+    return L, info
+
+
+def _rows(apply, R: torch.Tensor) -> torch.Tensor:
+    """Apply a column-wise operator (``[B, mi, r] -> [B, mi, r]``) to rows ``[B, k, mi]``."""
+    return apply(R.transpose(1, 2)).transpose(1, 2)
+
+
+def _kkt_matvec(kkt, dx: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top = dz @ kkt.A
+    if kkt.P is not None:
+        top = top + dx @ kkt.P  # P symmetric
+    bottom = dx @ kkt.A.transpose(1, 2)
+    p = kkt.p
+    parts = [bottom[:, :, :p]]
+    if kkt.eq_diag is not None:
+        parts = [bottom[:, :, :p] - kkt.eq_diag[:, None, :] * dz[:, :, :p]]
+    if bottom.shape[2] > p:
+        sc = kkt.scaling
+        parts.append(bottom[:, :, p:] - _rows(sc.apply, _rows(sc.apply, dz[:, :, p:])))
+    return top, torch.cat(parts, dim=2)
+
+
+def _refined_solve(kkt, rx: torch.Tensor, rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vector = rx.dim() == 2
+    if vector:
+        rx, rz = rx.unsqueeze(1), rz.unsqueeze(1)
+    if kkt.eq_diag is not None:
+        rz = torch.cat([rz[:, :, : kkt.p] * kkt.keep[:, None, :], rz[:, :, kkt.p :]], dim=2)
+    dx, dz = kkt._solve_once(rx, rz)
+    for _ in range(kkt.refine_steps):
+        kx, kz = _kkt_matvec(kkt, dx, dz)
+        cx, cz = kkt._solve_once(rx - kx, rz - kz)
+        dx, dz = dx + cx, dz + cz
+    if vector:
+        dx, dz = dx.squeeze(1), dz.squeeze(1)
+    return dx, dz
+
+
+class DualPrecomputation:
+    """What the dual (``m``-space) factorization reuses at every iteration.
+
+    For a positive definite ``P``: its Cholesky factor, ``P^-1 A'`` and
+    ``A P^-1 A'``, computed once per solve.
+    """
+
+    def __init__(self, P: torch.Tensor, A: torch.Tensor, L: torch.Tensor):
+        self.P, self.A, self.L = P, A, L
+        # explicit inverses: a batched product is far cheaper per solve than a pair
+        # of triangular solves, and the refinement step absorbs the difference
+        self.Pinv = torch.cholesky_inverse(L)
+        self.PinvAt = torch.cholesky_solve(A.transpose(1, 2), L)  # [B, n, m]
+        APA = A @ self.PinvAt
+        self.APA = 0.5 * (APA + APA.transpose(1, 2))
+
+    @staticmethod
+    def try_build(P: torch.Tensor | None, A: torch.Tensor) -> DualPrecomputation | None:
+        """The precomputation if every ``P`` of the batch is positive definite and
+        ``A`` has no more rows than columns (where the ``m``-space system is the
+        smaller one); ``None`` otherwise. Costs one host sync."""
+        if P is None or A.shape[1] > A.shape[2]:
+            return None
+        L, info = torch.linalg.cholesky_ex(P)
+        if bool((info > 0).any()):
+            return None
+        return DualPrecomputation(P, A, L)
+
+
+class DualKKTFactorization:
+    """``K`` factorized through its ``m x m`` Schur complement (``P`` positive definite).
+
+    Eliminating ``dx = P^-1 (rx - A'dz)`` leaves
+
+        S dz = A P^-1 rx - rz,      S = A P^-1 A' + H,    H = [[0, 0], [0, W^2]]
+
+    so each iteration factorizes only ``S`` (``m x m``, ``m <= n``), reusing ``P``'s
+    Cholesky factor and ``A P^-1 A'`` from ``DualPrecomputation``.
+    """
+
+    def __init__(self, pre: DualPrecomputation, num_eq: int, scaling: Scaling, *, refine_steps: int, regularization: float):
+        self.pre, self.P, self.A, self.p, self.scaling = pre, pre.P, pre.A, num_eq, scaling
+        self.refine_steps = refine_steps
+        self.eq_diag = None
+        S = pre.APA
+        mi = S.shape[1] - num_eq
+        if mi > 0:
+            eye = torch.eye(mi, dtype=S.dtype, device=S.device).expand(S.shape[0], mi, mi)
+            H = scaling.apply(scaling.apply(eye))  # W^2, column by column
+            S = S.clone()
+            S[:, num_eq:, num_eq:] += 0.5 * (H + H.transpose(1, 2))
+        d = pre.APA.diagonal(dim1=1, dim2=2).abs().amax(-1).clamp_min(1.0)  # the data's scale
+        S = S + (regularization * d)[:, None, None] * torch.eye(S.shape[1], dtype=S.dtype, device=S.device)
+        LS, self.info = _cholesky(S, regularization)
+        self.Sinv = torch.cholesky_inverse(LS)
+
+    matvec = KKTFactorization.matvec
+    solve = KKTFactorization.solve
+
+    def _solve_once(self, rx, rz):
+        pre = self.pre
+        t = rx @ pre.PinvAt  # rows of A P^-1 rx
+        dz = (t - rz) @ self.Sinv
+        dx = (rx - dz @ self.A) @ pre.Pinv
         return dx, dz

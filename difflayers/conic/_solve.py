@@ -326,10 +326,14 @@ def solve_conic(
                 x, z, s = torch.where(keep, xc, x), torch.where(keep, zc, z), torch.where(keep, sc, s)
                 status = torch.where(ok & (cstatus != int(Status.SUCCESS)), cstatus, status)
                 stats["num_steps"] = stats["num_steps"] + torch.where(ok, csteps, 0)
+            kkt = None
+            if solver.polish and not cones.soc and not isinstance(adjoint, Smoothed):
+                x, z, s, status, polished, kkt = solver.refine_on_active_set(Pd, qd, Ad, bd, cones, layout, x, z, s, status)
+                stats["polished"] = polished
             if need_grad:
                 if isinstance(adjoint, Smoothed):
                     kkt = solver.factorize(Pd, Ad, cones, layout, s, z)
-                else:
+                elif kkt is None:
                     kkt = solver.factorize_exact(Pd, Ad, cones, layout, s, z)
         if need_grad:
             x, z = _KKTAdjoint.apply(kkt, x, z, P_s, q, A_g, b_g)

@@ -3,8 +3,12 @@
 * :func:`check_grad` -- reverse mode against directional central finite differences.
 * :func:`dot_product_test` -- forward mode against reverse mode, ``<u, J v> == <J^T u, v>``.
 * :func:`taylor_test` -- Taylor remainder convergence rates of the gradient of a functional.
+* Cone programs with known outcomes (:func:`random_lp`, :func:`random_conic_qp`,
+  :func:`random_socp`, :func:`degenerate_lp`, :func:`primal_infeasible_lp`,
+  :func:`dual_infeasible_lp`, :func:`random_qp`) and a Clarabel :func:`reference_solve`.
+* :func:`qp_kkt_gradients` -- exact dense gradients through a QP solution (active-set KKT).
 
-All three work in float64. Nothing in the library imports this package; tests and benchmarks do.
+All of them work in float64. Nothing in the library imports this package; tests and benchmarks do.
 
 Example:
     >>> import torch
@@ -23,6 +27,23 @@ from difflayers.testing._gradcheck import (
     check_grad,
     dot_product_test,
 )
+from difflayers.testing._conic_problems import (
+    ConicBatch,
+    KnownSolution,
+    QPData,
+    ReferenceSolution,
+    concat_problems,
+    degenerate_lp,
+    dual_infeasible_lp,
+    primal_infeasible_lp,
+    qp_to_conic,
+    random_conic_qp,
+    random_lp,
+    random_qp,
+    random_socp,
+    reference_solve,
+)
+from difflayers.testing._kkt_oracle import QPGradients, qp_kkt_gradients
 from difflayers.testing._taylor import TaylorResult, taylor_test
 
 __all__ = [
@@ -32,4 +53,20 @@ __all__ = [
     "GradCheckResult",
     "DotProductResult",
     "TaylorResult",
+    "ConicBatch",
+    "KnownSolution",
+    "QPData",
+    "ReferenceSolution",
+    "concat_problems",
+    "degenerate_lp",
+    "dual_infeasible_lp",
+    "primal_infeasible_lp",
+    "qp_to_conic",
+    "random_conic_qp",
+    "random_lp",
+    "random_qp",
+    "random_socp",
+    "reference_solve",
+    "QPGradients",
+    "qp_kkt_gradients",
 ]
