@@ -13,6 +13,7 @@ from ._canonical import CanonicalProgram, ConicData, canonicalize
 from ._cvxpy_layer import ConicLayer, CvxpyLayersBackend
 from ._qp import QPLayer, solve_qp
 from ._solve import ConicSolution, Smoothed, solve_conic
+from ._spo import spo_plus_loss
 
 __all__ = [
     "Cones",
@@ -21,6 +22,7 @@ __all__ = [
     "Smoothed",
     "solve_conic",
     "solve_qp",
+    "spo_plus_loss",
     "QPLayer",
     "ConicLayer",
     "CvxpyLayersBackend",

@@ -98,6 +98,8 @@ class ConeLayout:
 
     def product(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Jordan product ``u o v``: elementwise on the orthant, ``(u'v, u0 v1 + v0 u1)`` per cone."""
+        if not self.groups:
+            return u * v
         ul, us = self.split(u)
         vl, vs = self.split(v)
         out = [
@@ -108,6 +110,8 @@ class ConeLayout:
 
     def divide(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``u o\\ v``: the ``w`` with ``u o w = v``, for ``u`` in the interior."""
+        if not self.groups:
+            return v / u
         ul, us = self.split(u)
         vl, vs = self.split(v)
         out = []
@@ -203,6 +207,9 @@ class Scaling:
         self.lam = self.apply(z)
 
     def _apply(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
+        if not self.w:  # orthant only: a diagonal scaling
+            lin = self.lin if v.dim() == 2 else self.lin.unsqueeze(-1)
+            return v / lin if inverse else v * lin
         vl, vs = self.layout.split(v)
         lin = _expand(self.lin, vl)
         out_l = vl / lin if inverse else vl * lin

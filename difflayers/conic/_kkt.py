@@ -246,7 +246,10 @@ class DualKKTFactorization:
         self.eq_diag = None
         S = pre.APA
         mi = S.shape[1] - num_eq
-        if mi > 0:
+        if mi > 0 and not scaling.w:  # orthant only: W^2 = diag(s / z)
+            pad = torch.nn.functional.pad(scaling.lin.square(), (num_eq, 0))
+            S = S + torch.diag_embed(pad)
+        elif mi > 0:
             eye = torch.eye(mi, dtype=S.dtype, device=S.device).expand(S.shape[0], mi, mi)
             H = scaling.apply(scaling.apply(eye))  # W^2, column by column
             S = S.clone()

@@ -254,7 +254,7 @@ def solve_conic(
         >>> sol = dl.conic.solve_conic(torch.eye(2, dtype=torch.float64)[None],
         ...     torch.tensor([[1.0, -1.0]], dtype=torch.float64), A,
         ...     torch.zeros(1, 2, dtype=torch.float64), cones)
-        >>> sol.x.round(decimals=6)
+        >>> sol.x.round(decimals=6) + 0.0
         tensor([[0., 1.]], dtype=torch.float64)
     """
     solver = InteriorPoint() if solver is None else solver
