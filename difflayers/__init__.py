@@ -9,12 +9,15 @@ Entry points::
     z = dl.least_squares(r, z0, *params)        # argmin_z 1/2 ||r(z, *params)||^2
     solve = dl.custom_root(F)(my_solver)        # any solver made differentiable
     sol = dl.solvers.linear_solve(A, b)         # batched dense or matrix-free
+    x = dl.QPLayer()(P, q, G, h, A, b)          # batched QP, None for absent parts
+    xs = dl.ConicLayer(problem, parameters, variables)(*tensors)   # cvxpy front end
 
 Every solve is batched over the leading dimension and differentiable with respect
 to the explicit ``*params`` through the strategy passed as ``adjoint=``.
 """
 
-from . import implicit, solvers
+from . import conic, implicit, solvers
+from .conic import ConicLayer, QPLayer
 from .implicit import (
     CheckpointedUnroll,
     Implicit,
@@ -34,6 +37,9 @@ __version__ = "0.1.0"
 __all__ = [
     "solvers",
     "implicit",
+    "conic",
+    "QPLayer",
+    "ConicLayer",
     "fixed_point",
     "root_find",
     "argmin",

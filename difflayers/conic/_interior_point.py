@@ -64,8 +64,10 @@ class InteriorPoint(IterativeSolver):
         check_every: iterations between two convergence checks (host syncs).
         infeasibility_tol: tolerance of the normalized certificates; ``None`` picks
             ``1e-8`` (float64) or ``1e-4`` (float32).
-        refine_steps: iterative-refinement steps per KKT solve; ``None`` picks 1 in
-            float64 and 3 in float32.
+        refine_steps: iterative-refinement steps per KKT solve inside the
+            iterations; ``None`` picks 2 in float32 and, in float64, 1 with
+            second-order cones and 0 without. Solves for the final refinement and the
+            backward pass use at least one.
         regularization: static regularization of the KKT matrix, relative to its
             largest diagonal entry.
         step_fraction: fraction of the step to the cone boundary taken.
@@ -107,12 +109,18 @@ class InteriorPoint(IterativeSolver):
             return self.infeasibility_tol
         return 1e-8 if dtype == torch.float64 else 1e-4
 
-    def _refine_steps(self, dtype) -> int:
-        if self.refine_steps is not None:
-            return self.refine_steps
-        return 1 if dtype == torch.float64 else 3
+    def _refine_steps(self, dtype, final: bool = False, cones: bool = True) -> int:
+        """Refinement steps per KKT solve: inside the iterations (where the method
+        corrects small errors of an orthant-only system itself) and, with ``final``,
+        for the solution's refinement and the backward pass."""
+        steps = self.refine_steps
+        if steps is None:
+            steps = (1 if cones else 0) if dtype == torch.float64 else 2
+        return max(steps, 1) if final else steps
 
-    def factorize(self, P, A, cones: Cones, layout: ConeLayout, s, z, pre: DualPrecomputation | None = None):
+    def factorize(
+        self, P, A, cones: Cones, layout: ConeLayout, s, z, pre: DualPrecomputation | None = None, final: bool = False
+    ):
         """The KKT factorization at ``(s, z)`` (grouped layout), as used by the steps.
 
         With ``pre`` (``P`` positive definite, ``m <= n``) only the ``m x m`` Schur
@@ -120,10 +128,11 @@ class InteriorPoint(IterativeSolver):
         """
         p = cones.zero
         scaling = layout.scaling(s[:, p:], z[:, p:])
-        return self._factorize(P, A, p, scaling, pre)
+        return self._factorize(P, A, p, scaling, pre, final)
 
-    def _factorize(self, P, A, p, scaling, pre):
-        options = dict(refine_steps=self._refine_steps(A.dtype), regularization=self.regularization)
+    def _factorize(self, P, A, p, scaling, pre, final=False):
+        steps = self._refine_steps(A.dtype, final, cones=bool(scaling.w))
+        options = dict(refine_steps=steps, regularization=self.regularization)
         if pre is not None:
             return DualKKTFactorization(pre, p, scaling, **options)
         return KKTFactorization(P, A, p, scaling, **options)
@@ -137,7 +146,8 @@ class InteriorPoint(IterativeSolver):
         tolerance (and a constant one on second-order cones).
         """
         return ExactKKT(
-            P, A, cones, s, z, refine_steps=self._refine_steps(A.dtype), regularization=self.regularization, ratio=ratio
+            P, A, cones, s, z, refine_steps=self._refine_steps(A.dtype, final=True), regularization=self.regularization,
+            ratio=ratio,
         )
 
     def refine_on_active_set(self, P, q, A, b, cones: Cones, layout: ConeLayout, x, z, s, status):

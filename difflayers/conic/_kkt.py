@@ -209,12 +209,12 @@ class DualPrecomputation:
 
     def __init__(self, P: torch.Tensor, A: torch.Tensor, L: torch.Tensor):
         self.P, self.A, self.L = P, A, L
-        # explicit inverses: a batched product is far cheaper per solve than a pair
-        # of triangular solves, and the refinement step absorbs the difference
+        # P's explicit inverse: computed once per solve, then one product per use
         self.Pinv = torch.cholesky_inverse(L)
         self.PinvAt = torch.cholesky_solve(A.transpose(1, 2), L)  # [B, n, m]
         APA = A @ self.PinvAt
         self.APA = 0.5 * (APA + APA.transpose(1, 2))
+        self.data_scale = self.APA.diagonal(dim1=1, dim2=2).abs().amax(-1).clamp_min(1.0)
 
     @staticmethod
     def try_build(P: torch.Tensor | None, A: torch.Tensor) -> DualPrecomputation | None:
@@ -254,10 +254,9 @@ class DualKKTFactorization:
             H = scaling.apply(scaling.apply(eye))  # W^2, column by column
             S = S.clone()
             S[:, num_eq:, num_eq:] += 0.5 * (H + H.transpose(1, 2))
-        d = pre.APA.diagonal(dim1=1, dim2=2).abs().amax(-1).clamp_min(1.0)  # the data's scale
+        d = pre.data_scale  # the data's scale
         S = S + (regularization * d)[:, None, None] * torch.eye(S.shape[1], dtype=S.dtype, device=S.device)
-        LS, self.info = _cholesky(S, regularization)
-        self.Sinv = torch.cholesky_inverse(LS)
+        self.LS, self.info = _cholesky(S, regularization)
 
     matvec = KKTFactorization.matvec
     solve = KKTFactorization.solve
@@ -265,6 +264,7 @@ class DualKKTFactorization:
     def _solve_once(self, rx, rz):
         pre = self.pre
         t = rx @ pre.PinvAt  # rows of A P^-1 rx
-        dz = (t - rz) @ self.Sinv
+        y = torch.linalg.solve_triangular(self.LS, (t - rz).transpose(1, 2), upper=False)
+        dz = torch.linalg.solve_triangular(self.LS.transpose(1, 2), y, upper=True).transpose(1, 2)
         dx = (rx - dz @ self.A) @ pre.Pinv
         return dx, dz

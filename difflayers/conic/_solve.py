@@ -332,7 +332,7 @@ def solve_conic(
                 stats["polished"] = polished
             if need_grad:
                 if isinstance(adjoint, Smoothed):
-                    kkt = solver.factorize(Pd, Ad, cones, layout, s, z)
+                    kkt = solver.factorize(Pd, Ad, cones, layout, s, z, final=True)
                 elif kkt is None:
                     kkt = solver.factorize_exact(Pd, Ad, cones, layout, s, z)
         if need_grad:
