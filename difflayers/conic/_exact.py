@@ -35,7 +35,7 @@ import torch
 
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
-from ._kkt import KKTFactorization
+from ._kkt import DualPrecomputation, KKTFactorization, _cholesky, _refined_solve
 
 __all__ = ["ExactKKT"]
 
@@ -71,8 +71,25 @@ class ExactKKT:
     Rows are in the interior point's grouped layout.
     """
 
-    def __init__(self, P, A, cones: Cones, s, z, *, refine_steps: int, regularization: float, ratio: float = 1.0):
+    def __init__(
+        self,
+        P,
+        A,
+        cones: Cones,
+        s,
+        z,
+        *,
+        refine_steps: int,
+        regularization: float,
+        ratio: float = 1.0,
+        pre: DualPrecomputation | None = None,
+    ):
         p, l = cones.zero, cones.nonneg
+        self.dual = None
+        if pre is not None and not cones.soc:
+            active = torch.cat([torch.ones_like(s[:, :p], dtype=torch.bool), z[:, p:] > ratio * s[:, p:]], 1)
+            self.dual = _DualExact(pre, active, refine_steps=refine_steps, regularization=regularization)
+            return
         batch, n = A.shape[0], A.shape[2]
         dtype = A.dtype
         self.p, self.l = p, l
@@ -152,6 +169,8 @@ class ExactKKT:
         return torch.cat([t.reshape(t.shape[0], -1) for t in out], 1)
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dual is not None:
+            return self.dual.solve(rx, rz)
         p, l = self.p, self.l
         parts = [rz[:, : p + l]]
         if self.rotations:
@@ -166,3 +185,32 @@ class ExactKKT:
                 dz_rot = dz_rot + dz_big[:, p + l + m_soc :]
             dz = torch.cat([dz, self._rotate(dz_rot, transpose=False)], 1)
         return dx, dz
+
+
+class _DualExact:
+    """The exact-derivative system of an LP/QP with positive definite ``P`` in ``m``-space.
+
+    With ``A_act`` the rows of ``A`` on the active set (others zero) and ``D`` = 1 on
+    the dropped rows, ``dz = (A_act P^-1 A_act' + D)^-1 (A_act P^-1 rx - rz)`` and
+    ``dx = P^-1 (rx - A_act' dz)``, reusing ``P^-1`` and ``A P^-1 A'`` of the solve.
+    """
+
+    def __init__(self, pre: DualPrecomputation, active: torch.Tensor, *, refine_steps: int, regularization: float):
+        dtype = pre.A.dtype
+        act = active.to(dtype)
+        self.pre, self.P, self.A, self.p = pre, pre.P, pre.A * act[:, :, None], active.shape[1]
+        self.scaling, self.refine_steps = None, refine_steps
+        self.act, self.keep, self.eq_diag = act, act, 1.0 - act
+        S = act[:, :, None] * pre.APA * act[:, None, :]
+        S = S + torch.diag_embed(self.eq_diag + regularization * pre.data_scale[:, None])
+        self.LS, self.info = _cholesky(S, regularization)
+
+    def _solve_once(self, rx, rz):
+        t = (rx @ self.pre.PinvAt) * self.act[:, None, :]
+        y = torch.linalg.solve_triangular(self.LS, (t - rz).transpose(1, 2), upper=False)
+        dz = torch.linalg.solve_triangular(self.LS.transpose(1, 2), y, upper=True).transpose(1, 2)
+        dx = (rx - dz @ self.A) @ self.pre.Pinv
+        return dx, dz
+
+    def solve(self, rx, rz):
+        return _refined_solve(self, rx, rz)

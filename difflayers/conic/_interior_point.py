@@ -137,7 +137,9 @@ class InteriorPoint(IterativeSolver):
             return DualKKTFactorization(pre, p, scaling, **options)
         return KKTFactorization(P, A, p, scaling, **options)
 
-    def factorize_exact(self, P, A, cones: Cones, layout: ConeLayout, s, z, ratio: float = 1.0) -> ExactKKT:
+    def factorize_exact(
+        self, P, A, cones: Cones, layout: ConeLayout, s, z, ratio: float = 1.0, pre: DualPrecomputation | None = None
+    ) -> ExactKKT:
         """The factorized KKT system of the exact derivative at a solution ``(s, z)``.
 
         Uses the limit of the complementarity linearization (active rows as
@@ -148,9 +150,10 @@ class InteriorPoint(IterativeSolver):
         return ExactKKT(
             P, A, cones, s, z, refine_steps=self._refine_steps(A.dtype, final=True), regularization=self.regularization,
             ratio=ratio,
+            pre=pre,
         )
 
-    def refine_on_active_set(self, P, q, A, b, cones: Cones, layout: ConeLayout, x, z, s, status):
+    def refine_on_active_set(self, P, q, A, b, cones: Cones, layout: ConeLayout, x, z, s, status, pre=None):
         """Refine LP/QP solutions by solving the KKT system on the identified active set.
 
         With active rows (``z_i > s_i``) as equalities and inactive ones dropped, the
@@ -180,7 +183,7 @@ class InteriorPoint(IterativeSolver):
         # (z_i > s_i) gives an infeasible point, try counting them as active, then
         # as inactive.
         for ratio in (1.0, 1e-2, 1e2):
-            kkt = self.factorize_exact(P, A, cones, layout, s0, z0, ratio=ratio)
+            kkt = self.factorize_exact(P, A, cones, layout, s0, z0, ratio=ratio, pre=pre)
             kkt_out = kkt if kkt_out is None else kkt_out
             xp, zp = kkt.solve(-q, b)
             active = torch.cat(
@@ -208,7 +211,7 @@ class InteriorPoint(IterativeSolver):
         return x, z, s, status, done, kkt_out
 
     # ------------------------------------------------------------------------------
-    def run(self, P, q, A, b, cones: Cones, layout: ConeLayout, warm_start=None):
+    def run(self, P, q, A, b, cones: Cones, layout: ConeLayout, warm_start=None, pre="auto"):
         """Solve a batch in the grouped row layout.
 
         Returns ``(x, z, s, status, stats)`` with ``(x, z, s)`` already divided by
@@ -216,7 +219,6 @@ class InteriorPoint(IterativeSolver):
         """
         rtol, atol = self.tolerances(q.dtype)
         eps_inf = self._infeasibility_tol(q.dtype)
-        refine = self._refine_steps(q.dtype)
         batch, n, m, p = q.shape[0], q.shape[1], b.shape[1], cones.zero
         dtype, device = q.dtype, q.device
         degree = cones.degree
@@ -236,7 +238,8 @@ class InteriorPoint(IterativeSolver):
         b_norm1, q_norm1 = b_norm.clamp_min(1.0), q_norm.clamp_min(1.0)
 
         # -- initial point: one solve with W = I, then shift into the cone interior ----
-        pre = DualPrecomputation.try_build(P, A)
+        if isinstance(pre, str):
+            pre = DualPrecomputation.try_build(P, A)
         if warm_start is None:
             kkt0 = self._factorize(P, A, p, layout.identity_scaling(batch, dtype, device), pre)
             x, y = kkt0.solve(-q, b)

@@ -18,7 +18,7 @@ from ..solvers import ConvergenceError, Solution, Status
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
 from ._interior_point import InteriorPoint
-from ._kkt import KKTFactorization, _bmtv, _bmv
+from ._kkt import DualPrecomputation, KKTFactorization, _bmtv, _bmv
 
 __all__ = ["solve_conic", "ConicSolution", "Smoothed", "ON_FAILURE"]
 
@@ -318,7 +318,8 @@ def solve_conic(
         with torch.no_grad():
             Pd = None if P_s is None else P_s.detach()
             qd, Ad, bd = q.detach(), A_g.detach(), b_g.detach()
-            x, z, s, status, stats = solver.run(Pd, qd, Ad, bd, cones, layout, start)
+            pre = DualPrecomputation.try_build(Pd, Ad)
+            x, z, s, status, stats = solver.run(Pd, qd, Ad, bd, cones, layout, start, pre=pre)
             if isinstance(adjoint, Smoothed):
                 ok = (status == int(Status.SUCCESS)) | (status == int(Status.INACCURATE))
                 xc, zc, sc, cstatus, csteps = solver.center(Pd, qd, Ad, bd, cones, layout, x, z, s, adjoint.barrier)
@@ -328,13 +329,15 @@ def solve_conic(
                 stats["num_steps"] = stats["num_steps"] + torch.where(ok, csteps, 0)
             kkt = None
             if solver.polish and not cones.soc and not isinstance(adjoint, Smoothed):
-                x, z, s, status, polished, kkt = solver.refine_on_active_set(Pd, qd, Ad, bd, cones, layout, x, z, s, status)
+                x, z, s, status, polished, kkt = solver.refine_on_active_set(
+                    Pd, qd, Ad, bd, cones, layout, x, z, s, status, pre=pre
+                )
                 stats["polished"] = polished
             if need_grad:
                 if isinstance(adjoint, Smoothed):
                     kkt = solver.factorize(Pd, Ad, cones, layout, s, z, final=True)
                 elif kkt is None:
-                    kkt = solver.factorize_exact(Pd, Ad, cones, layout, s, z)
+                    kkt = solver.factorize_exact(Pd, Ad, cones, layout, s, z, pre=pre)
         if need_grad:
             x, z = _KKTAdjoint.apply(kkt, x, z, P_s, q, A_g, b_g)
     # the slack follows from x (exactly zero on the equality rows)
