@@ -26,6 +26,8 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.run ridge_hypergradient
+	$(PY) -m benchmarks.run qp_layer
+	$(PY) -m benchmarks.run conic_suites
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -12,6 +12,7 @@ import importlib
 BENCHMARKS = {
     "ridge_hypergradient": "benchmarks.ridge_hypergradient",
     "qp_layer": "benchmarks.qp_layer",
+    "conic_suites": "benchmarks.conic_suites",
 }
 
 

@@ -324,3 +324,27 @@ def test_kkt_solves_match_a_dense_solve(cones):
         torch.testing.assert_close(torch.cat([dx, dz], 2), expected, rtol=1e-8, atol=1e-9)
         dx1, dz1 = kkt.solve(rx[:, 0], rz[:, 0])
         torch.testing.assert_close(dx1, dx[:, 0])
+
+
+# ------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cuda_matches_cpu(dtype):
+    P, q, G, h, A, b = _qp(batch=8, seed=15)
+    w = torch.randn(q.shape, dtype=F64)
+    results = []
+    for device in ("cpu", "cuda"):
+        args = [t.to(device=device, dtype=dtype).requires_grad_() for t in (P, q, G, h, A, b)]
+        x = QPLayer()(*args)
+        grads = torch.autograd.grad((x * w.to(x)).sum(), args)
+        assert x.device.type == device
+        results.append([x.detach().cpu().double()] + [g.cpu().double() for g in grads])
+    tol = 1e-7 if dtype == F64 else 1e-3
+    for c, g in zip(*results):
+        torch.testing.assert_close(g, c, rtol=tol, atol=tol)
+    # a second-order-cone problem on the device
+    Ps, qs, As, bs, cones = _socp()
+    sol = solve_conic(Ps.cuda(), qs.cuda(), As.cuda(), bs.cuda(), cones)
+    torch.testing.assert_close(sol.value.cpu(), solve_conic(Ps, qs, As, bs, cones).value, rtol=1e-6, atol=1e-7)
