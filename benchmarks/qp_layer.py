@@ -210,7 +210,7 @@ def _run_size(B: int, n: int, device: torch.device, repeats: int, threads: int, 
 
 
 def run(repeats: int = 5, device: str = "cpu", quick: bool = False, threads: int = 1,
-        all_anchors: bool = False) -> str:
+        all_anchors: bool = False, sizes: list[tuple[int, int]] | None = None) -> str:
     """Run the sweep and return the markdown tables.
 
     Args:
@@ -219,13 +219,14 @@ def run(repeats: int = 5, device: str = "cpu", quick: bool = False, threads: int
         quick: only B=64, n=50.
         threads: ``torch.set_num_threads`` and diffcp's worker threads.
         all_anchors: also run cvxpylayers for B >= 256 and n >= 100 (slow).
+        sizes: ``(B, n)`` pairs to run instead of the default sweep.
     """
     device = torch.device(device)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         tables = [f"Dense batched QP layer. {environment()}"]
-        for B, n in SIZES_QUICK if quick else SIZES_FULL:
+        for B, n in sizes or (SIZES_QUICK if quick else SIZES_FULL):
             tables.append(_run_size(B, n, device, repeats, threads, all_anchors))
         return "\n\n".join(tables)
     finally:
@@ -240,9 +241,13 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch and diffcp threads (default 1)")
     parser.add_argument("--all", action="store_true", help="run cvxpylayers at every size (slow)")
     parser.add_argument("--output", help="also write the tables to this markdown file")
+    parser.add_argument("--sizes", help="comma-separated BxN pairs, e.g. 64x50,256x100 (default: the full sweep)")
     args = parser.parse_args(argv)
+    sizes = None
+    if args.sizes:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in args.sizes.split(",")]
     table = run(repeats=args.repeats, device=args.device, quick=args.quick, threads=args.threads,
-                all_anchors=args.all)
+                all_anchors=args.all, sizes=sizes)
     print(table)
     if args.output:
         with open(args.output, "w") as f:

@@ -314,8 +314,10 @@ class InteriorPoint(IterativeSolver):
                 & (-qx_raw > eps_inf * x_scale)
             )
             infeasible = (kappa > tau) | (tau < eps_inf)
-            p_inf = p_inf & infeasible
-            return {"err": err, "p_inf": p_inf, "d_inf": d_inf & infeasible & ~p_inf, "Px": Px, "Atz": Atz, "Ax": Ax}
+            # a certificate ends the sample with that status (read by the driver)
+            failure = torch.where(d_inf & infeasible, int(Status.DUAL_INFEASIBLE), 0)
+            failure = torch.where(p_inf & infeasible, int(Status.PRIMAL_INFEASIBLE), failure)
+            return {"err": err, "failure": failure, "Px": Px, "Atz": Atz, "Ax": Ax}
 
         def step(st):
             x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
@@ -393,19 +395,15 @@ class InteriorPoint(IterativeSolver):
             if bool(stalled.any()):  # rare; one host read saves a dozen selects per step
                 keep = stalled[:, None]
                 new = {k: torch.where(keep if v.dim() > 1 else stalled, st[k], v) for k, v in new.items()}
-            failure = torch.where(stalled, int(Status.INACCURATE), 0)
+            failure = torch.where(stalled, int(Status.INACCURATE), new["failure"])
             new["failure"] = torch.where(bad | (kkt.info > 0), int(Status.NONFINITE), failure)
             return new
 
         def residual_fn(st):
-            err, p_inf, d_inf = st["err"], st["p_inf"], st["d_inf"]
-            failure = torch.where(p_inf, int(Status.PRIMAL_INFEASIBLE), 0)
-            failure = torch.where(d_inf, int(Status.DUAL_INFEASIBLE), failure)
-            failure = torch.where(st["failure"] != 0, st["failure"], failure)
-            st["failure"] = failure  # read by the driver right after this call
-            return err, torch.zeros_like(err)
+            return st["err"], zero
 
         state.update(measure(state))
+        zero = torch.zeros_like(state["err"])
         state["slow"] = torch.zeros(batch, dtype=torch.int64, device=device)  # steps without progress
         state, status, num_steps, err = iterate(
             step, residual_fn, state, rtol=0.0, atol=1.0, max_steps=self.max_steps, check_every=self.check_every
