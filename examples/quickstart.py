@@ -1,6 +1,7 @@
 """difflayers quickstart: batched solves with checked gradients, end to end on CPU.
 
-Run ``python examples/quickstart.py`` (``--quick`` for a smaller version). Each
+Run ``python examples/quickstart.py`` (``--quick`` for a smaller version;
+``examples/conic_layers.py`` tours the QP/LP/cvxpy layers further). Each
 section solves a batch of problems, differentiates the solution and compares the
 gradient with an independent reference (closed form or finite differences).
 """
@@ -132,6 +133,32 @@ def curve_fits(B: int) -> dict:
     }
 
 
+def qp_layer(B: int, n: int) -> dict:
+    """A batch of QPs min 1/2 x'Px + q'x s.t. Gx <= h, Ax = b as a layer: interior point
+    forward, exact KKT backward reusing its factorization, checked by finite differences."""
+    m, p = n // 2, 2
+    L = torch.randn(B, n, n, dtype=D)
+    P = L @ L.transpose(1, 2) / n + 0.1 * torch.eye(n, dtype=D)
+    q = torch.randn(B, n, dtype=D, requires_grad=True)
+    G = torch.randn(m, n, dtype=D, requires_grad=True)        # shared: its gradient is summed
+    h, A, b = torch.rand(m, dtype=D) + 0.1, torch.randn(p, n, dtype=D), torch.zeros(p, dtype=D)
+    layer = dl.QPLayer()
+    x, lam, nu = layer(P, q, G, h, A, b, return_duals=True)
+    with torch.no_grad():  # KKT residual: stationarity, feasibility, complementarity
+        stationarity = torch.einsum("bij,bj->bi", P, x) + q + lam @ G + nu @ A
+        slack = h - x @ G.T
+        kkt = max(float(stationarity.norm() / q.norm()), float((x @ A.T - b).abs().max()),
+                  float(slack.clamp_max(0).abs().max()), float((lam * slack).abs().max()))
+    fd = check_grad(lambda q, G: layer(P, q, G, h, A, b).square().sum(), (q, G), raise_exception=False)
+    return {
+        "what": f"QPLayer: {B} QPs, {n} variables, {m} inequalities ({int((lam > 1e-8).sum())} active), "
+                f"{p} equalities",
+        "solution error": kkt,
+        "gradient error": fd.max_error,
+        "steps": None,
+    }
+
+
 def main(quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     sizes = dict(B=4, n=32, d=20, N=200, outer=5) if quick else dict(B=32, n=128, d=100, N=1000, outer=30)
@@ -140,6 +167,7 @@ def main(quick: bool = False) -> list[dict]:
         lambda: equilibrium_layer(sizes["B"], sizes["n"] // 2),
         lambda: ridge_hyperparameters(sizes["N"], sizes["d"], sizes["outer"]),
         lambda: curve_fits(sizes["B"]),
+        lambda: qp_layer(sizes["B"], sizes["n"] // 2),
     ]
     rows = []
     print(f"difflayers {dl.__version__} quickstart (torch {torch.__version__}, float64, CPU)\n")

@@ -1,4 +1,4 @@
-"""The quickstart (``--quick``) and the README's code run and report accurate gradients."""
+"""The examples (``--quick``) and the README's code run and report accurate gradients."""
 
 import math
 import pathlib
@@ -7,6 +7,7 @@ import runpy
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,27 @@ def test_readme_code_runs():
     for block in blocks:
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)
-        assert namespace["W"].grad is not None and namespace["lam"].grad is not None
+        # every block ends with a backward pass to its leaf parameters
+        leaves = [v for v in namespace.values() if isinstance(v, torch.Tensor) and v.is_leaf and v.requires_grad]
+        assert leaves and all(v.grad is not None and torch.isfinite(v.grad).all() for v in leaves)
+
+
+def test_conic_layers_quick(capsys, tmp_path):
+    pytest.importorskip("cvxpy")
+    example = runpy.run_path(str(ROOT / "examples" / "conic_layers.py"))
+    result = example["main"](quick=True, plot=str(tmp_path / "curves.png"))
+    out = capsys.readouterr().out
+    rows = {row["metric"]: row for row in result["rows"]}
+    # QPLayer's gradient matches central finite differences
+    assert rows["gradient rel. error vs central differences"]["value"] < 1e-6, out
+    # ConicLayer (cvxpy front end) solves the same QPs: same solution and gradient
+    assert rows["gradient rel. difference vs QPLayer"]["value"] < 1e-6, out
+    # SPO+ learns: its decisions beat both its own start and random costs by a wide margin
+    spo = result["curves"]["SPO+"]
+    random_regret = result["curves"]["random costs"][0]
+    assert all(math.isfinite(v) for curve in result["curves"].values() for v in curve)
+    assert spo[-1] < 0.5 * spo[0] and spo[-1] < 0.6 * random_regret, out
+    assert "normalized regret" in out
 
 
 @pytest.mark.parametrize("name", ["ridge_hypergradient"])

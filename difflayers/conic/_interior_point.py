@@ -252,7 +252,10 @@ class InteriorPoint(IterativeSolver):
 
         def shift(u):
             alpha = layout.min_eigenvalue(u)
-            amount = torch.where(alpha < 0, 1.0 - alpha, torch.zeros_like(alpha))
+            # on or numerically at the boundary counts as outside (the scaling needs
+            # a strictly interior point); such points move to lambda_min = 1
+            margin = torch.finfo(u.dtype).eps ** 0.5 * torch.clamp_min(_inf_norm(u), 1.0)
+            amount = torch.where(alpha <= margin, 1.0 - alpha, torch.zeros_like(alpha))
             if warm_start is not None:
                 # a warm start sits on the boundary: move it to a well-centred interior
                 amount = torch.clamp_min(amount, 0.1 * (1.0 + _inf_norm(u)) - alpha.clamp_min(0.0))

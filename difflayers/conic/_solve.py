@@ -358,7 +358,12 @@ def _apply_policy(solution: ConicSolution, on_failure: str, what: str) -> ConicS
     usable = solution.converged
     if on_failure == "raise":
         if not bool(usable.all()):
-            raise ConvergenceError(what, solution)
+            raise ConvergenceError(
+                what,
+                solution,
+                hint="Pass on_failure='nan' or 'mask' to get the per-element status instead of this error "
+                "(ConicSolution.status; return_solution=True on the layers).",
+            )
     inaccurate = status == int(Status.INACCURATE)
     if bool(inaccurate.any()):
         idx = inaccurate.nonzero().flatten().tolist()

@@ -81,22 +81,33 @@ class ConvergenceError(RuntimeError):
         statuses: their ``Status`` values, in the same order.
         solution: the full ``Solution`` (values of the failed samples are the last
             iterates), so that nothing computed is lost.
+
+    Args:
+        what: the operation, named in the message.
+        solution: the batched result.
+        hint: the last line of the message: how to get statuses instead.
     """
 
-    def __init__(self, what: str, solution: Solution):
+    def __init__(
+        self,
+        what: str,
+        solution: Solution,
+        hint: str = "Pass throw=False to get the per-sample status instead of this error.",
+    ):
         failed = (~solution.converged).nonzero().flatten().tolist()
         statuses = [Status(int(s)) for s in solution.status[failed].tolist()]
         residual = solution.stats.get("residual")
         lines = [f"{what}: {len(failed)} of {solution.status.numel()} samples did not succeed."]
         shown = 8
         for i, s in zip(failed[:shown], statuses[:shown]):
-            res = f" (residual {float(residual[i]):.3e})" if residual is not None else ""
+            certificate = s in (Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE)  # no residual to speak of
+            res = f" (residual {float(residual[i]):.3e})" if residual is not None and not certificate else ""
             lines.append(f"  sample {i}: {s.name}{res}")
         if len(failed) > shown:
             lines.append(f"  ... and {len(failed) - shown} more")
         for s in dict.fromkeys(statuses):
             lines.append(f"{s.name}: {s.message}")
-        lines.append("Pass throw=False to get the per-sample status instead of this error.")
+        lines.append(hint)
         super().__init__("\n".join(lines))
         self.indices = failed
         self.statuses = statuses

@@ -348,3 +348,25 @@ def test_cuda_matches_cpu(dtype):
     Ps, qs, As, bs, cones = _socp()
     sol = solve_conic(Ps.cuda(), qs.cuda(), As.cuda(), bs.cuda(), cones)
     torch.testing.assert_close(sol.value.cpu(), solve_conic(Ps, qs, As, bs, cones).value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("point", [(2.0, 0.0), (0.0, -2.0), (2.0, 1e-12), (0.3, 0.0)])
+def test_projection_on_a_ball_with_data_on_an_axis(point):
+    """Starting points that land exactly on a cone's boundary are moved inside."""
+    a = torch.tensor([point], dtype=F64)
+    A = torch.tensor([[[0.0, 0.0], [-1.0, 0.0], [0.0, -1.0]]], dtype=F64)
+    b = torch.tensor([[1.0, 0.0, 0.0]], dtype=F64)
+    sol = solve_conic(torch.eye(2, dtype=F64)[None], -a, A, b, Cones(soc=(3,)))
+    expected = a / a.norm().clamp_min(1.0)
+    torch.testing.assert_close(sol.value, expected, rtol=1e-7, atol=1e-7)
+
+
+def test_failure_message_names_the_policy():
+    _, q, G, h, _, _ = _qp(batch=2, n=3, m=4, p=1, seed=16)
+    h = h.clone()
+    G = torch.cat([G, -G[:, :1]], 1)
+    h = torch.cat([h, -h[:, :1] - 1.0], 1)  # g'x <= h0 and g'x >= h0 + 1: infeasible
+    with pytest.raises(dl.ConvergenceError, match="on_failure") as info:
+        QPLayer()(None, q, G, h, lb=torch.zeros_like(q), ub=torch.ones_like(q))
+    assert info.value.indices == [0, 1]
+    assert "residual" not in str(info.value)
