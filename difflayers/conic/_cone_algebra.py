@@ -57,6 +57,24 @@ class ConeLayout:
             for start, c in zip(starts, cones.soc):
                 if c == d:
                     order.extend(range(start, start + d))
+        self.padded = None
+        self.real = None  # [k, d] bool: which padded entries are real rows
+        msoc, dmax = sum(cones.soc), max(cones.soc, default=0)
+        if len(self.groups) > 1 and len(cones.soc) * dmax <= 2 * msoc:
+            # Cones of different sizes become one block padded with zeros to the
+            # largest size (zero entries leave the algebra of a cone unchanged): one
+            # batched operation per step instead of one per distinct size.
+            k = len(cones.soc)
+            gather = torch.full((k, dmax), msoc, dtype=torch.long)
+            offset = 0
+            for i, d in enumerate(cones.soc):
+                gather[i, :d] = torch.arange(offset, offset + d)
+                offset += d
+            self.real = (gather < msoc).to(device)
+            scatter = torch.nonzero(gather.flatten() < msoc).flatten()
+            self.padded = (gather.flatten().to(device), scatter.to(device))
+            self.groups = [(dmax, k)]
+            order = list(range(self.mi))
         if order == list(range(self.mi)):
             self.perm = self.inverse = None
         else:
@@ -77,6 +95,10 @@ class ConeLayout:
         """``v [B, mi, ...] -> (orthant part [B, l, ...], [cones [B, k, d, ...] per group])``."""
         rest = v.shape[2:]
         lin = v[:, : self.l]
+        if self.padded is not None:
+            (d, k), (gather, _) = self.groups[0], self.padded
+            soc = torch.cat([v[:, self.l :], v.new_zeros((v.shape[0], 1) + rest)], dim=1)
+            return lin, [soc.index_select(1, gather.to(v.device)).reshape(v.shape[0], k, d, *rest)]
         socs, start = [], self.l
         for d, k in self.groups:
             socs.append(v[:, start : start + k * d].reshape(v.shape[0], k, d, *rest))
@@ -85,6 +107,8 @@ class ConeLayout:
 
     def join(self, lin: torch.Tensor, socs: list[torch.Tensor]) -> torch.Tensor:
         parts = [lin] + [c.reshape(c.shape[0], -1, *c.shape[3:]) for c in socs]
+        if self.padded is not None:
+            parts[1] = parts[1].index_select(1, self.padded[1].to(lin.device))
         return torch.cat(parts, dim=1) if len(parts) > 1 else lin
 
     # -- Jordan algebra ----------------------------------------------------------------

@@ -122,6 +122,8 @@ class ExactKKT:
                 weight = ((1.0 + c) / (1.0 - c).clamp_min(torch.finfo(dtype).tiny))  # H^-1 on tangents
                 col = torch.arange(d, device=A.device)
                 eq_mask = torch.where(mixed[..., None], col == 0, in_K[..., None].expand(batch, k, d))
+                if self.soc_layout.real is not None:  # padding rows are dropped, never equalities
+                    eq_mask = eq_mask & self.soc_layout.real
                 fin = mixed[..., None] & (col >= 2)
                 w_fin = torch.where(fin, weight[..., None], torch.zeros_like(sc))
                 A_rot = Q.transpose(-1, -2) @ Ac  # [B, k, d, n]
@@ -160,13 +162,21 @@ class ExactKKT:
             eq_diag=torch.cat(eq_diag, 1),
         )
 
-    def _rotate(self, r_soc: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _rotate(self, r_soc: torch.Tensor) -> torch.Tensor:
+        """Cone rows (user layout) -> rotated coordinates, flattened blocks (padded)."""
         _, blocks = self.soc_layout.split(r_soc)
-        out = []
-        for Q, blk in zip(self.rotations, blocks):
-            M = Q.transpose(-1, -2) if transpose else Q
-            out.append((M @ blk[..., None])[..., 0])
+        out = [(Q.transpose(-1, -2) @ blk[..., None])[..., 0] for Q, blk in zip(self.rotations, blocks)]
         return torch.cat([t.reshape(t.shape[0], -1) for t in out], 1)
+
+    def _unrotate(self, r_rot: torch.Tensor) -> torch.Tensor:
+        """Rotated coordinates (flattened blocks) -> cone rows in the user layout."""
+        blocks, start = [], 0
+        for Q in self.rotations:
+            k, d = Q.shape[1], Q.shape[2]
+            blk = r_rot[:, start : start + k * d].reshape(r_rot.shape[0], k, d)
+            blocks.append((Q @ blk[..., None])[..., 0])
+            start += k * d
+        return self.soc_layout.join(r_rot[:, :0], blocks)
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dual is not None:
@@ -174,16 +184,16 @@ class ExactKKT:
         p, l = self.p, self.l
         parts = [rz[:, : p + l]]
         if self.rotations:
-            r_rot = self._rotate(rz[:, p + l :], transpose=True)
+            r_rot = self._rotate(rz[:, p + l :])
             parts += [r_rot, torch.where(self.fin_mask, r_rot, 0.0) if self.fin_mask is not None else r_rot[:, :0]]
         dx, dz_big = self.kkt.solve(rx, torch.cat(parts, 1))
         dz = dz_big[:, : p + l]
         if self.rotations:
-            m_soc = rz.shape[1] - p - l
-            dz_rot = dz_big[:, p + l : p + l + m_soc]
+            m_rot = r_rot.shape[1]
+            dz_rot = dz_big[:, p + l : p + l + m_rot]
             if self.m_fin > 0:
-                dz_rot = dz_rot + dz_big[:, p + l + m_soc :]
-            dz = torch.cat([dz, self._rotate(dz_rot, transpose=False)], 1)
+                dz_rot = dz_rot + dz_big[:, p + l + m_rot :]
+            dz = torch.cat([dz, self._unrotate(dz_rot)], 1)
         return dx, dz
 
 

@@ -100,6 +100,45 @@ def test_socp_derivative_matches_the_dense_implicit_function_theorem():
     dot_product_test(lambda *t: solve_conic(*t, cones).value, (P, q, A, b), rtol=1e-8, raise_exception=True)
 
 
+def _project_dual(v, cones):
+    """z = Pi_{K*}(v) for K = {0}^p x R_+^l x SOC(d_1) x ...: free on the zero rows."""
+    p, l = cones.zero, cones.nonneg
+    parts, start = [v[:p], v[p : p + l].clamp_min(0.0)], p + l
+    for d in cones.soc:
+        parts.append(_project_soc(v[start : start + d]))
+        start += d
+    return torch.cat(parts)
+
+
+def test_mixed_cone_derivative_matches_the_dense_implicit_function_theorem():
+    """Equality rows, orthant rows and second-order cones of sizes 2, 1, 6 and 3 (some
+    with s and z on the boundary). Second-order-cone solutions are not refined on an
+    active set, so both sides carry the forward solve's error (~1e-5 on such cones)."""
+    from difflayers.testing import random_socp
+
+    P, q, A, b, cones = random_socp(3, 20, (2, 1, 6, 3), m_ineq=4, m_eq=2, quadratic=True, seed=17)
+    sol = solve_conic(P, q, A, b, cones)
+    n, p = q.shape[1], cones.zero
+    g = torch.Generator().manual_seed(1)
+    dirs = [torch.randn(t.shape, generator=g, dtype=F64) for t in (P, q, A, b)]
+    _, tangent = torch.func.jvp(lambda *t: solve_conic(*t, cones).value, (P, q, A, b), tuple(dirs))
+    for i in range(q.shape[0]):
+
+        def residual(u, Pi, qi, Ai, bi):
+            x, v = u[:n], u[n:]
+            z = _project_dual(v, cones)
+            s = torch.cat([torch.zeros(p, dtype=F64), (z - v)[p:]])
+            return torch.cat([0.5 * (Pi + Pi.T) @ x + qi + Ai.T @ z, Ai @ x + s - bi])
+
+        v0 = sol.z[i] - sol.s[i].detach()
+        v0 = torch.cat([sol.z[i][:p], v0[p:]])
+        u0 = torch.cat([sol.value[i].detach(), v0])
+        J = torch.func.jacrev(residual, argnums=(0, 1, 2, 3, 4))(u0, P[i], q[i], A[i], b[i])
+        rhs = sum((Jk.reshape(u0.numel(), -1) @ dk[i].reshape(-1)) for Jk, dk in zip(J[1:], dirs))
+        du = -torch.linalg.solve(J[0], rhs)
+        assert (tangent[i] - du[:n]).norm() <= 1e-3 * du[:n].norm()
+
+
 def test_duals_and_slacks_are_differentiable():
     P, q, G, h, A, b = _qp(seed=2)
     layer = QPLayer()
