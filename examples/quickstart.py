@@ -149,7 +149,9 @@ def qp_layer(B: int, n: int) -> dict:
         slack = h - x @ G.T
         kkt = max(float(stationarity.norm() / q.norm()), float((x @ A.T - b).abs().max()),
                   float(slack.clamp_max(0).abs().max()), float((lam * slack).abs().max()))
-    fd = check_grad(lambda q, G: layer(P, q, G, h, A, b).square().sum(), (q, G), raise_exception=False)
+    # a small step: x* is piecewise smooth, and the default step (~1e-4 here) can cross
+    # a change of active set; the refined solution is exact to rounding, so 1e-5 is safe
+    fd = check_grad(lambda q, G: layer(P, q, G, h, A, b).square().sum(), (q, G), eps=1e-5, raise_exception=False)
     return {
         "what": f"QPLayer: {B} QPs, {n} variables, {m} inequalities ({int((lam > 1e-8).sum())} active), "
                 f"{p} equalities",
