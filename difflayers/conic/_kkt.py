@@ -211,7 +211,7 @@ class DualPrecomputation:
         self.P, self.A, self.L = P, A, L
         # P's explicit inverse: computed once per solve, then one product per use
         self.Pinv = torch.cholesky_inverse(L)
-        self.PinvAt = torch.cholesky_solve(A.transpose(1, 2), L)  # [B, n, m]
+        self.PinvAt = self.Pinv @ A.transpose(1, 2)  # [B, n, m]
         APA = A @ self.PinvAt
         self.APA = 0.5 * (APA + APA.transpose(1, 2))
         self.data_scale = self.APA.diagonal(dim1=1, dim2=2).abs().amax(-1).clamp_min(1.0)
