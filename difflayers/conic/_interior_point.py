@@ -275,51 +275,41 @@ class InteriorPoint(IterativeSolver):
             "failure": torch.zeros(batch, dtype=torch.int64, device=device),
         }
 
-        def residuals(st):
-            x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
-            Px = Pmv(x)
-            Atz = _bmtv(A, z)
-            Ax = _bmv(A, x)
-            xPx = _dot(x, Px)
-            rx = Px + Atz + q * tau[:, None]
-            rz = Ax + s - b * tau[:, None]
-            rt = _dot(q, x) + _dot(b, z) + kappa + xPx / tau
-            return Px, Atz, Ax, xPx, rx, rz, rt
+        inf = torch.tensor(float("inf"), dtype=dtype, device=device)
+        a_scale = eps_inf * torch.maximum(one, a_norm)
+        b_scale = eps_inf * torch.maximum(one, b_norm)
 
         def measure(st):
             """Normalized residuals and certificates (the driver's convergence test)."""
             x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
-            Px, Atz, Ax, xPx, rx, rz, rt = residuals(st)
-            pres = _inf_norm(rz) / tau
-            dres = _inf_norm(rx) / tau
-            xPx_n = xPx / tau**2
-            qx, bz = _dot(q, x) / tau, _dot(b, z) / tau
-            pobj = 0.5 * xPx_n + qx
-            dobj = -0.5 * xPx_n - bz
+            Px = Pmv(x)
+            Atz = _bmtv(A, z)
+            Ax = _bmv(A, x)
+            Ax_s = Ax + s
+            px_n, atz_n = _inf_norm(Px), _inf_norm(Atz)
+            qx_raw, bz_raw = _dot(q, x), _dot(b, z)
+            pres = _inf_norm(Ax_s - b * tau[:, None]) / tau
+            dres = _inf_norm(Px + Atz + q * tau[:, None]) / tau
+            xPx_n = _dot(x, Px) / tau**2
+            pobj = 0.5 * xPx_n + qx_raw / tau
+            dobj = -0.5 * xPx_n - bz_raw / tau
             gap = (pobj - dobj).abs()
             pscale = torch.maximum(b_norm1, torch.maximum(_inf_norm(Ax), _inf_norm(s)) / tau)
-            dscale = torch.maximum(q_norm1, torch.maximum(_inf_norm(Px), _inf_norm(Atz)) / tau)
+            dscale = torch.maximum(q_norm1, torch.maximum(px_n, atz_n) / tau)
             gscale = torch.minimum(pobj.abs(), dobj.abs()).clamp_min(1.0)
-            err = torch.stack(
-                [pres / (atol + rtol * pscale), dres / (atol + rtol * dscale), gap / (atol + rtol * gscale)], 1
-            ).amax(1)
+            err = torch.maximum(
+                torch.maximum(pres / (atol + rtol * pscale), dres / (atol + rtol * dscale)),
+                gap / (atol + rtol * gscale),
+            )
             # certificates, normalized by -b'z (primal) and -q'x (dual)
-            bz_raw, qx_raw = _dot(b, z), _dot(q, x)
-            z_scale = torch.maximum(_inf_norm(z), one)
-            x_scale = torch.maximum(_inf_norm(x), one)
-            p_inf = (bz_raw < 0) & (_inf_norm(Atz) <= -bz_raw * eps_inf * torch.maximum(one, a_norm)) & (
-                -bz_raw > eps_inf * z_scale
-            )
-            d_inf = (
-                (qx_raw < 0)
-                & (_inf_norm(Px) <= -qx_raw * eps_inf)
-                & (_inf_norm(Ax + s) <= -qx_raw * eps_inf * torch.maximum(one, b_norm))
-                & (-qx_raw > eps_inf * x_scale)
-            )
             infeasible = (kappa > tau) | (tau < eps_inf)
+            p_inf = infeasible & (bz_raw < 0) & (atz_n <= -bz_raw * a_scale)
+            p_inf = p_inf & (-bz_raw > eps_inf * torch.maximum(_inf_norm(z), one))
+            d_inf = infeasible & (qx_raw < 0) & (px_n <= -qx_raw * eps_inf) & (_inf_norm(Ax_s) <= -qx_raw * b_scale)
+            d_inf = d_inf & (-qx_raw > eps_inf * torch.maximum(_inf_norm(x), one))
             # a certificate ends the sample with that status (read by the driver)
-            failure = torch.where(d_inf & infeasible, int(Status.DUAL_INFEASIBLE), 0)
-            failure = torch.where(p_inf & infeasible, int(Status.PRIMAL_INFEASIBLE), failure)
+            failure = torch.where(d_inf, int(Status.DUAL_INFEASIBLE), 0)
+            failure = torch.where(p_inf, int(Status.PRIMAL_INFEASIBLE), failure)
             return {"err": err, "failure": failure, "Px": Px, "Atz": Atz, "Ax": Ax}
 
         def step(st):
@@ -362,9 +352,8 @@ class InteriorPoint(IterativeSolver):
 
             def step_length(dds_I, ddz, dtau, dk):
                 a = torch.minimum(layout.max_step(s_I, dds_I), layout.max_step(z_I, ineq(ddz)))
-                a = torch.minimum(a, torch.where(dtau < 0, -tau / dtau, torch.full_like(tau, float("inf"))))
-                a = torch.minimum(a, torch.where(dk < 0, -kappa / dk, torch.full_like(tau, float("inf"))))
-                return a
+                a = torch.minimum(a, torch.where(dtau < 0, -tau / dtau, inf))
+                return torch.minimum(a, torch.where(dk < 0, -kappa / dk, inf))
 
             a_dx, a_dz, a_ds, a_dt, a_dk = finish(dxs[:, 1], dzs[:, 1], corr_aff, -rt, -tau * kappa)
             alpha = step_length(a_ds, a_dz, a_dt, a_dk).clamp(max=1.0)
