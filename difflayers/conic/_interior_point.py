@@ -65,7 +65,7 @@ class InteriorPoint(IterativeSolver):
         infeasibility_tol: tolerance of the normalized certificates; ``None`` picks
             ``1e-8`` (float64) or ``1e-4`` (float32).
         refine_steps: iterative-refinement steps per KKT solve inside the
-            iterations; ``None`` picks 2 in float32 and, in float64, 1 with
+            iterations; ``None`` picks 2 in float32 and, in float64, 2 with
             second-order cones and 0 without. Solves for the final refinement and the
             backward pass use at least one.
         regularization: static regularization of the KKT matrix, relative to its
@@ -115,7 +115,7 @@ class InteriorPoint(IterativeSolver):
         for the solution's refinement and the backward pass."""
         steps = self.refine_steps
         if steps is None:
-            steps = (1 if cones else 0) if dtype == torch.float64 else 2
+            steps = (2 if cones else 0) if dtype == torch.float64 else 2
         return max(steps, 1) if final else steps
 
     def factorize(
