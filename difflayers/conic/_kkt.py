@@ -221,7 +221,7 @@ class DualPrecomputation:
         """The precomputation if every ``P`` of the batch is positive definite and
         ``A`` has no more rows than columns (where the ``m``-space system is the
         smaller one); ``None`` otherwise. Costs one host sync."""
-        if P is None or A.shape[1] > A.shape[2]:
+        if P is None or A.shape[1] == 0 or A.shape[1] > A.shape[2]:
             return None
         L, info = torch.linalg.cholesky_ex(P)
         if bool((info > 0).any()):

@@ -409,3 +409,14 @@ def test_failure_message_names_the_policy():
         QPLayer()(None, q, G, h, lb=torch.zeros_like(q), ub=torch.ones_like(q))
     assert info.value.indices == [0, 1]
     assert "residual" not in str(info.value)
+
+
+def test_unconstrained_and_equality_only_qps():
+    P = 2.0 * torch.eye(3, dtype=F64)
+    q = torch.tensor([1.0, -2.0, 3.0], dtype=F64, requires_grad=True)
+    x = QPLayer()(P, q)  # no constraints: x = -P^-1 q
+    torch.testing.assert_close(x, -q.detach() / 2)
+    A, b = torch.ones(1, 3, dtype=F64), torch.ones(1, dtype=F64)
+    check_grad(lambda q, b: QPLayer()(P, q, A=A, b=b), (q.detach(), b), raise_exception=True)
+    x = QPLayer()(P, q, A=A, b=b)
+    torch.testing.assert_close(A @ x, b)
