@@ -216,10 +216,10 @@ class _DualExact:
         self.LS, self.info = _cholesky(S, regularization)
 
     def _solve_once(self, rx, rz):
-        t = (rx @ self.pre.PinvAt) * self.act[:, None, :]
+        t = torch.bmm(rx, self.pre.PinvAt) * self.act[:, None, :]
         y = torch.linalg.solve_triangular(self.LS, (t - rz).transpose(1, 2), upper=False)
         dz = torch.linalg.solve_triangular(self.LS.transpose(1, 2), y, upper=True).transpose(1, 2)
-        dx = (rx - dz @ self.A) @ self.pre.Pinv
+        dx = torch.bmm(rx - torch.bmm(dz, self.A), self.pre.Pinv)
         return dx, dz
 
     def solve(self, rx, rz):

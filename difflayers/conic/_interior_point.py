@@ -301,15 +301,19 @@ class InteriorPoint(IterativeSolver):
                 torch.maximum(pres / (atol + rtol * pscale), dres / (atol + rtol * dscale)),
                 gap / (atol + rtol * gscale),
             )
-            # certificates, normalized by -b'z (primal) and -q'x (dual)
+            # certificates, normalized by -b'z (primal) and -q'x (dual); only looked for
+            # once kappa > tau somewhere (one host read saves the work on feasible batches)
             infeasible = (kappa > tau) | (tau < eps_inf)
-            p_inf = infeasible & (bz_raw < 0) & (atz_n <= -bz_raw * a_scale)
-            p_inf = p_inf & (-bz_raw > eps_inf * torch.maximum(_inf_norm(z), one))
-            d_inf = infeasible & (qx_raw < 0) & (px_n <= -qx_raw * eps_inf) & (_inf_norm(Ax_s) <= -qx_raw * b_scale)
-            d_inf = d_inf & (-qx_raw > eps_inf * torch.maximum(_inf_norm(x), one))
-            # a certificate ends the sample with that status (read by the driver)
-            failure = torch.where(d_inf, int(Status.DUAL_INFEASIBLE), 0)
-            failure = torch.where(p_inf, int(Status.PRIMAL_INFEASIBLE), failure)
+            failure = torch.zeros_like(tau, dtype=torch.int64)
+            if bool(infeasible.any()):
+                p_inf = infeasible & (bz_raw < 0) & (atz_n <= -bz_raw * a_scale)
+                p_inf = p_inf & (-bz_raw > eps_inf * torch.maximum(_inf_norm(z), one))
+                d_inf = infeasible & (qx_raw < 0) & (px_n <= -qx_raw * eps_inf)
+                d_inf = d_inf & (_inf_norm(Ax_s) <= -qx_raw * b_scale)
+                d_inf = d_inf & (-qx_raw > eps_inf * torch.maximum(_inf_norm(x), one))
+                # a certificate ends the sample with that status (read by the driver)
+                failure = torch.where(d_inf, int(Status.DUAL_INFEASIBLE), failure)
+                failure = torch.where(p_inf, int(Status.PRIMAL_INFEASIBLE), failure)
             return {"err": err, "failure": failure, "Px": Px, "Atz": Atz, "Ax": Ax}
 
         def step(st):

@@ -118,17 +118,17 @@ class KKTFactorization:
         r_E, r_I = rz[:, :, : self.p], rz[:, :, self.p :]
         sc = self.scaling
         w2r = _rows(sc.apply_inverse, _rows(sc.apply_inverse, r_I)) if r_I.shape[2] > 0 else r_I  # W^-2 r_I
-        t = rx + w2r @ self.A_I
+        t = rx + torch.bmm(w2r, self.A_I)
         if self.p > 0:
-            t = t + self.rho[:, None, None] * (r_E @ self.A_E)
+            t = t + self.rho[:, None, None] * torch.bmm(r_E, self.A_E)
             u = torch.cholesky_solve(t.transpose(1, 2), self.L)  # [B, n, k]
-            dz_E = torch.cholesky_solve(self.A_E @ u - r_E.transpose(1, 2), self.LS).transpose(1, 2)
-            dx = torch.cholesky_solve((t - dz_E @ self.A_E).transpose(1, 2), self.L).transpose(1, 2)
+            dz_E = torch.cholesky_solve(torch.bmm(self.A_E, u) - r_E.transpose(1, 2), self.LS).transpose(1, 2)
+            dx = torch.cholesky_solve((t - torch.bmm(dz_E, self.A_E)).transpose(1, 2), self.L).transpose(1, 2)
         else:
             dx = torch.cholesky_solve(t.transpose(1, 2), self.L).transpose(1, 2)
             dz_E = r_E
         if r_I.shape[2] > 0:
-            dz_I = _rows(sc.apply_inverse, _rows(sc.apply_inverse, dx @ self.A_I.transpose(1, 2))) - w2r
+            dz_I = _rows(sc.apply_inverse, _rows(sc.apply_inverse, torch.bmm(dx, self.A_I.transpose(1, 2)))) - w2r
             dz = torch.cat([dz_E, dz_I], dim=2)
         else:
             dz = dz_E
@@ -170,10 +170,10 @@ def _rows(apply, R: torch.Tensor) -> torch.Tensor:
 
 
 def _kkt_matvec(kkt, dx: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    top = dz @ kkt.A
+    top = torch.bmm(dz, kkt.A)
     if kkt.P is not None:
-        top = top + dx @ kkt.P  # P symmetric
-    bottom = dx @ kkt.A.transpose(1, 2)
+        top = top + torch.bmm(dx, kkt.P)  # P symmetric
+    bottom = torch.bmm(dx, kkt.A.transpose(1, 2))
     p = kkt.p
     parts = [bottom[:, :, :p]]
     if kkt.eq_diag is not None:
@@ -263,8 +263,8 @@ class DualKKTFactorization:
 
     def _solve_once(self, rx, rz):
         pre = self.pre
-        t = rx @ pre.PinvAt  # rows of A P^-1 rx
+        t = torch.bmm(rx, pre.PinvAt)  # rows of A P^-1 rx
         y = torch.linalg.solve_triangular(self.LS, (t - rz).transpose(1, 2), upper=False)
         dz = torch.linalg.solve_triangular(self.LS.transpose(1, 2), y, upper=True).transpose(1, 2)
-        dx = (rx - dz @ self.A) @ pre.Pinv
+        dx = torch.bmm(rx - torch.bmm(dz, self.A), pre.Pinv)
         return dx, dz
