@@ -16,7 +16,7 @@ Every solve is batched over the leading dimension and differentiable with respec
 to the explicit ``*params`` through the strategy passed as ``adjoint=``.
 """
 
-from . import conic, implicit, solvers
+from . import conic, implicit, ot, solvers
 from .conic import ConicLayer, QPLayer
 from .implicit import (
     CheckpointedUnroll,
@@ -38,6 +38,7 @@ __all__ = [
     "solvers",
     "implicit",
     "conic",
+    "ot",
     "QPLayer",
     "ConicLayer",
     "fixed_point",

@@ -1,0 +1,85 @@
+"""Costs of optimal-transport problems: a dense matrix, or point clouds whose cost is
+computed on the fly in row tiles so that memory stays ``O(B * tile * m)``.
+
+Everything the Sinkhorn iterations need is a soft-minimum over one side,
+
+    rows:  LSE_j(h_j - C_ij / eps)   [B, n]        cols:  LSE_i(h_i - C_ij / eps)   [B, m]
+
+and, for gradients and plans, sums of ``P_ij * (something)`` over tiles.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["Geometry", "COSTS"]
+
+
+def _sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # ||x||^2 + ||y||^2 - 2 x.y, clamped: rounding must not make a distance negative
+    xx = (x * x).sum(-1, keepdim=True)
+    yy = (y * y).sum(-1).unsqueeze(-2)
+    return (xx + yy - 2.0 * torch.bmm(x, y.transpose(1, 2))).clamp_min(0.0)
+
+
+def _euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(x, y)
+
+
+COSTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sqeuclidean": _sqeuclidean,
+    "euclidean": _euclidean,
+}
+
+
+class Geometry:
+    """The cost of a batch of transport problems.
+
+    Args:
+        cost: a dense ``[B, n, m]`` cost, or ``None``.
+        x, y: point clouds ``[B, n, d]``, ``[B, m, d]`` (with ``cost=None``).
+        cost_fn: ``(x [B, t, d], y [B, m, d]) -> [B, t, m]``.
+        tile: rows of the cost computed at a time for point clouds; ``None`` uses
+            the whole matrix when it holds at most ``2**24`` entries.
+    """
+
+    def __init__(self, cost=None, x=None, y=None, cost_fn=None, tile: int | None = None):
+        self.cost, self.x, self.y, self.cost_fn = cost, x, y, cost_fn
+        if cost is not None:
+            self.batch, self.n, self.m = cost.shape
+            self.tile = self.n
+        else:
+            self.batch, self.n, self.m = x.shape[0], x.shape[1], y.shape[1]
+            if tile is None:
+                tile = self.n if self.batch * self.n * self.m <= 2**24 else max(1, 2**24 // (self.batch * self.m))
+            self.tile = max(1, min(int(tile), self.n))
+
+    def tiles(self):
+        """Yield ``(start, stop, C[:, start:stop])``."""
+        if self.cost is not None:
+            yield 0, self.n, self.cost
+            return
+        for start in range(0, self.n, self.tile):
+            stop = min(start + self.tile, self.n)
+            yield start, stop, self.cost_fn(self.x[:, start:stop], self.y)
+
+    def dense(self) -> torch.Tensor:
+        """The full ``[B, n, m]`` cost (materialized for point clouds)."""
+        return torch.cat([c for _, _, c in self.tiles()], dim=1)
+
+    def lse_rows(self, h_cols: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``LSE_j(h_j - C_ij / eps)``, shape ``[B, n]`` (``eps`` is ``[B]``)."""
+        inv = (1.0 / eps)[:, None, None]
+        parts = [torch.logsumexp(h_cols[:, None, :] - c * inv, dim=2) for _, _, c in self.tiles()]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def lse_cols(self, h_rows: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``LSE_i(h_i - C_ij / eps)``, shape ``[B, m]``, accumulated over row tiles."""
+        inv = (1.0 / eps)[:, None, None]
+        total = None
+        for start, stop, c in self.tiles():
+            part = torch.logsumexp(h_rows[:, start:stop, None] - c * inv, dim=1)
+            total = part if total is None else torch.logaddexp(total, part)
+        return total

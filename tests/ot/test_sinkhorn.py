@@ -1,0 +1,195 @@
+"""Sinkhorn layers (float64): envelope, implicit and unrolled gradients, unbalanced
+transport, zero weights and padding, tiles, batching, warm starts and bad input."""
+
+import pytest
+import torch
+
+import difflayers as dl
+from difflayers.ot import Sinkhorn, SinkhornDivergence, sinkhorn
+from difflayers.testing import check_grad
+
+F64 = torch.float64
+TIGHT = Sinkhorn(rtol=1e-12, atol=1e-14, max_steps=20000)
+
+
+def _clouds(batch=2, n=12, m=15, d=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, n, d, generator=g, dtype=F64)
+    y = torch.rand(batch, m, d, generator=g, dtype=F64)
+    a = torch.rand(batch, n, generator=g, dtype=F64) + 0.1
+    b = torch.rand(batch, m, generator=g, dtype=F64) + 0.1
+    return x, y, a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+
+
+def test_envelope_gradient_matches_finite_differences():
+    x, y, a, b = _clouds()
+    fn = lambda x, y: sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.1, solver=TIGHT).value  # noqa: E731
+    check_grad(fn, (x, y), rtol=1e-6, atol=1e-9, raise_exception=True)
+
+
+def test_envelope_gradient_of_the_weights_is_the_potential():
+    """dV/da = f, up to the gauge constant (a stays on the simplex: compare centred)."""
+    x, y, a, b = _clouds(seed=1)
+    a1 = a.clone().requires_grad_()
+    res = sinkhorn(x=x, y=y, a=a1, b=b, epsilon=0.1, solver=TIGHT)
+    res.value.sum().backward()
+    torch.testing.assert_close(a1.grad - a1.grad.mean(1, keepdim=True), res.f - res.f.mean(1, keepdim=True))
+    # directional derivative along a mass-preserving direction
+    d = torch.randn_like(a)
+    d = d - d.mean(1, keepdim=True)
+    h = 1e-6
+    fd = (sinkhorn(x=x, y=y, a=a + h * d, b=b, epsilon=0.1, solver=TIGHT).value
+          - sinkhorn(x=x, y=y, a=a - h * d, b=b, epsilon=0.1, solver=TIGHT).value) / (2 * h)
+    torch.testing.assert_close((a1.grad * d).sum(1), fd, rtol=1e-6, atol=1e-9)
+
+
+def test_dense_cost_gradient_is_the_plan():
+    x, y, a, b = _clouds(seed=2)
+    C = torch.cdist(x, y).square().requires_grad_()
+    res = sinkhorn(cost=C, a=a, b=b, epsilon=0.05, solver=TIGHT)
+    res.value.sum().backward()
+    torch.testing.assert_close(C.grad, res.plan, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.plan.sum(2), a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.plan.sum(1), b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rho", [None, 0.5])
+def test_implicit_equals_unrolled_at_convergence(rho):
+    x, y, a, b = _clouds(seed=3)
+    w = torch.randn(a.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for adjoint in (dl.Implicit(), dl.Unroll()):
+        xx = x.clone().requires_grad_()
+        res = sinkhorn(x=xx, y=y, a=a, b=b, epsilon=0.1, rho_a=rho, rho_b=rho, solver=TIGHT, adjoint=adjoint)
+        f = res.f - res.f.mean(1, keepdim=True)  # the potentials' gauge
+        ((f * w).sum() + 10.0 * res.plan.square().sum() + res.value.sum()).backward()
+        grads.append(xx.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("rho", [None, 0.3])
+def test_envelope_equals_implicit_for_the_value(rho):
+    x, y, a, b = _clouds(seed=4)
+    grads = []
+    for adjoint in (dl.ot.Envelope(), dl.Implicit()):
+        xx, aa = x.clone().requires_grad_(), a.clone().requires_grad_()
+        sinkhorn(x=xx, y=y, a=aa, b=b, epsilon=0.1, rho_a=rho, rho_b=rho, solver=TIGHT, adjoint=adjoint).value.sum().backward()
+        grads.append((xx.grad, aa.grad - (aa.grad.mean(1, keepdim=True) if rho is None else 0.0)))
+    for e, i in zip(*grads):
+        torch.testing.assert_close(e, i, rtol=1e-8, atol=1e-10)
+
+
+def test_unbalanced_envelope_matches_finite_differences():
+    x, y, a, b = _clouds(seed=5)
+    b = 1.5 * b  # unequal masses are allowed when a marginal is relaxed
+    fn = lambda x, a, b: sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.1, rho_a=0.7, rho_b=0.4, solver=TIGHT).value  # noqa: E731
+    check_grad(fn, (x, a, b), rtol=1e-6, atol=1e-9, raise_exception=True)
+
+
+@pytest.mark.parametrize("adjoint", [dl.ot.Envelope(), dl.Implicit(), dl.Unroll()], ids=lambda a: type(a).__name__)
+def test_zero_weights_give_zero_finite_gradients(adjoint):
+    """A ragged batch padded with zero-weight points."""
+    x, y, a, b = _clouds(seed=6)
+    a = a.clone()
+    a[:, -4:] = 0.0
+    a = a / a.sum(1, keepdim=True)
+    xx = x.clone().requires_grad_()
+    res = sinkhorn(x=xx, y=y, a=a, b=b, epsilon=0.1, adjoint=adjoint)
+    loss = res.value.sum() if isinstance(adjoint, dl.ot.Envelope) else res.value.sum() + res.plan.sum()
+    loss.backward()
+    assert torch.isfinite(xx.grad).all() and torch.isfinite(res.value).all()
+    assert xx.grad[:, -4:].abs().max() == 0.0
+    # padding does not change the value
+    trimmed = sinkhorn(x=x[:, :-4], y=y, a=a[:, :-4], b=b, epsilon=0.1).value
+    torch.testing.assert_close(res.value.detach(), trimmed, rtol=1e-9, atol=1e-12)
+
+
+def test_batched_equals_loop_and_tiles_equal_dense():
+    x, y, a, b = _clouds(batch=3, seed=7)
+    batched = sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.05)
+    for i in range(3):
+        single = sinkhorn(x=x[i], y=y[i], a=a[i], b=b[i], epsilon=0.05)
+        assert single.value.dim() == 0 and single.f.shape == (12,)
+        torch.testing.assert_close(single.value, batched.value[i], rtol=1e-9, atol=1e-12)
+    xx = x.clone().requires_grad_()
+    tiled = sinkhorn(x=xx, y=y, a=a, b=b, epsilon=0.05, tile=5)
+    tiled.value.sum().backward()
+    xd = x.clone().requires_grad_()
+    sinkhorn(cost=torch.cdist(xd, y).square(), a=a, b=b, epsilon=0.05).value.sum().backward()
+    torch.testing.assert_close(tiled.value.detach(), batched.value, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(xx.grad, xd.grad, rtol=1e-8, atol=1e-10)
+    v = torch.randn(3, 15, 2, dtype=F64)
+    torch.testing.assert_close(tiled.apply_plan(v), tiled.plan @ v)
+
+
+def test_sinkhorn_divergence():
+    x, y, _, _ = _clouds(seed=8)
+    loss = SinkhornDivergence(epsilon=0.1)
+    torch.testing.assert_close(loss(x, x), torch.zeros(2, dtype=F64), rtol=0, atol=1e-10)
+    xx = x.clone().requires_grad_()
+    value = loss(xx, y)
+    assert bool((value > 0).all())
+    value.sum().backward()
+    assert torch.isfinite(xx.grad).all()
+
+
+def test_warm_start_and_epsilon_scaling():
+    x, y, a, b = _clouds(seed=9)
+    cold = sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.02)
+    warm = sinkhorn(x=x + 1e-3, y=y, a=a, b=b, epsilon=0.02, init=(cold.f, cold.g))
+    again = sinkhorn(x=x + 1e-3, y=y, a=a, b=b, epsilon=0.02)
+    assert bool((warm.stats["num_steps"] < again.stats["num_steps"]).all())
+    torch.testing.assert_close(warm.value, again.value, rtol=1e-8, atol=1e-10)
+    scaled = sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.02, solver=Sinkhorn(epsilon_scaling=0.5))
+    torch.testing.assert_close(scaled.value, cold.value, rtol=1e-8, atol=1e-10)
+
+
+def test_non_convergence_is_reported():
+    x, y, a, b = _clouds(seed=10)
+    with pytest.raises(dl.ConvergenceError, match="MAX_STEPS"):
+        sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.001, solver=Sinkhorn(max_steps=10))
+    res = sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.001, solver=Sinkhorn(max_steps=10), throw=False)
+    assert bool((res.status == dl.Status.MAX_STEPS).all())
+
+
+def test_float32_warns_when_epsilon_is_too_small():
+    x, y, _, _ = _clouds(seed=11)
+    with pytest.warns(RuntimeWarning, match="float32"):
+        sinkhorn(x=x.float() * 100, y=y.float() * 100, epsilon=1e-3, solver=Sinkhorn(max_steps=10), throw=False)
+    res = sinkhorn(x=x.float(), y=y.float(), epsilon=0.1)
+    ref = sinkhorn(x=x, y=y, epsilon=0.1)
+    torch.testing.assert_close(res.value.double(), ref.value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(epsilon=0.0), ValueError, "epsilon"),
+        (dict(epsilon=float("nan")), ValueError, "epsilon"),
+        (dict(epsilon=0.1, a=-torch.ones(2, 12, dtype=F64) / 12), ValueError, "negative"),
+        (dict(epsilon=0.1, a=torch.full((2, 12), float("nan"), dtype=F64)), ValueError, "NaN"),
+        (dict(epsilon=0.1, a=torch.ones(2, 12, dtype=F64)), ValueError, "same total mass"),
+        (dict(epsilon=0.1, a=torch.ones(2, 11, dtype=F64) / 11), ValueError, "12 entries"),
+        (dict(epsilon=0.1, a=torch.ones(2, 12) / 12), TypeError, "dtype"),
+        (dict(epsilon=0.1, cost_fn="manhattan"), ValueError, "cost_fn"),
+        (dict(epsilon=0.1, rho_a=-1.0), ValueError, "rho_a"),
+        (dict(epsilon=0.1, solver=dl.solvers.CG()), TypeError, "Sinkhorn"),
+        (dict(epsilon=0.1, adjoint=dl.OneStep()), TypeError, "adjoint"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    x, y, _, _ = _clouds()
+    with pytest.raises(error, match=match):
+        sinkhorn(x=x, y=y, **kwargs)
+
+
+def test_bad_geometry():
+    x, y, _, _ = _clouds()
+    with pytest.raises(ValueError, match="either cost"):
+        sinkhorn(cost=torch.cdist(x, y), x=x, y=y, epsilon=0.1)
+    with pytest.raises(ValueError, match="either cost"):
+        sinkhorn(x=x, epsilon=0.1)
+    with pytest.raises(ValueError, match="dimension"):
+        sinkhorn(x=x, y=torch.rand(2, 15, 3, dtype=F64), epsilon=0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        sinkhorn(cost=torch.full((4, 5), float("nan"), dtype=F64), epsilon=0.1)
