@@ -367,7 +367,6 @@ def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
     ``<a, f> = 0`` and whose Jacobian has no eigenvalue 1.
     """
     balanced = rho_a is None and rho_b is None
-    eps_t = lambda t: torch.full((t.shape[0],), eps, dtype=t.dtype, device=t.device)  # noqa: E731
 
     dense = geom.cost is not None
 
@@ -383,7 +382,7 @@ def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
 
     def T(f, *params):
         a_, b_ = params[-2], params[-1]
-        f_new, _ = solver.update(geometry(params), torch.log(a_), torch.log(b_), f, eps_t(f), rho_a, rho_b)
+        f_new, _ = solver.update(geometry(params), torch.log(a_), torch.log(b_), f, eps, rho_a, rho_b)
         return gauge(f_new, a_)
 
     def F(f, *params):
@@ -401,7 +400,7 @@ def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
     params = params + (a, b)
     f = custom_root(F, linear_solver=adjoint.linear_solver)(solve)(torch.zeros_like(a), *params)
     # g is one soft-minimum away from f: differentiable through ordinary autograd
-    g = -eps * geom.lse_cols(torch.log(a) + f / eps, eps_t(f))
+    g = -eps * geom.lse_cols(torch.log(a) + f / eps, eps)
     if rho_b is not None:
         g = (rho_b / (rho_b + eps)) * g
     return f, g, outcome["status"], outcome["steps"], outcome["err"]

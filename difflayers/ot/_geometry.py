@@ -47,6 +47,8 @@ class Geometry:
 
     def __init__(self, cost=None, x=None, y=None, cost_fn=None, tile: int | None = None):
         self.cost, self.x, self.y, self.cost_fn = cost, x, y, cost_fn
+        self._whole = {}  # grad mode -> the point-cloud cost, when one tile covers it
+        self._scaled = {}  # (grad mode, eps) -> C / eps
         if cost is not None:
             self.batch, self.n, self.m = cost.shape
             self.tile = self.n
@@ -61,6 +63,12 @@ class Geometry:
         if self.cost is not None:
             yield 0, self.n, self.cost
             return
+        if self.tile >= self.n:  # small enough: computed once per grad mode, then reused
+            mode = torch.is_grad_enabled()
+            if mode not in self._whole:
+                self._whole[mode] = self.cost_fn(self.x, self.y)
+            yield 0, self.n, self._whole[mode]
+            return
         for start in range(0, self.n, self.tile):
             stop = min(start + self.tile, self.n)
             yield start, stop, self.cost_fn(self.x[:, start:stop], self.y)
@@ -69,17 +77,30 @@ class Geometry:
         """The full ``[B, n, m]`` cost (materialized for point clouds)."""
         return torch.cat([c for _, _, c in self.tiles()], dim=1)
 
-    def lse_rows(self, h_cols: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """``LSE_j(h_j - C_ij / eps)``, shape ``[B, n]`` (``eps`` is ``[B]``)."""
-        inv = (1.0 / eps)[:, None, None]
-        parts = [torch.logsumexp(h_cols[:, None, :] - c * inv, dim=2) for _, _, c in self.tiles()]
+    def _scaled_tiles(self, eps):
+        """Tiles of ``C / eps``; with a constant ``eps`` (a float) and one tile, the
+        scaled matrix is computed once and reused by every iteration."""
+        if isinstance(eps, float) and (self.cost is not None or self.tile >= self.n):
+            key = (torch.is_grad_enabled(), eps)
+            if key not in self._scaled:
+                self._scaled.clear()
+                (_, _, c), = self.tiles()
+                self._scaled[key] = c / eps
+            yield 0, self.n, self._scaled[key]
+            return
+        inv = 1.0 / eps if isinstance(eps, float) else (1.0 / eps)[:, None, None]
+        for start, stop, c in self.tiles():
+            yield start, stop, c * inv
+
+    def lse_rows(self, h_cols: torch.Tensor, eps) -> torch.Tensor:
+        """``LSE_j(h_j - C_ij / eps)``, shape ``[B, n]`` (``eps``: a float or ``[B]``)."""
+        parts = [torch.logsumexp(h_cols[:, None, :] - c, dim=2) for _, _, c in self._scaled_tiles(eps)]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    def lse_cols(self, h_rows: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def lse_cols(self, h_rows: torch.Tensor, eps) -> torch.Tensor:
         """``LSE_i(h_i - C_ij / eps)``, shape ``[B, m]``, accumulated over row tiles."""
-        inv = (1.0 / eps)[:, None, None]
         total = None
-        for start, stop, c in self.tiles():
-            part = torch.logsumexp(h_rows[:, start:stop, None] - c * inv, dim=1)
+        for start, stop, c in self._scaled_tiles(eps):
+            part = torch.logsumexp(h_rows[:, start:stop, None] - c, dim=1)
             total = part if total is None else torch.logaddexp(total, part)
         return total

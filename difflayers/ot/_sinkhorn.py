@@ -26,10 +26,6 @@ from ._geometry import Geometry
 __all__ = ["Sinkhorn"]
 
 
-def _lam(rho, eps: torch.Tensor):
-    return 1.0 if rho is None else rho / (rho + eps)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sinkhorn(IterativeSolver):
     """Batched log-domain Sinkhorn with per-problem convergence.
@@ -70,13 +66,15 @@ class Sinkhorn(IterativeSolver):
         return (rtol if self.rtol is None else self.rtol, atol if self.atol is None else self.atol)
 
     def update(self, geom: Geometry, log_a, log_b, f, eps, rho_a, rho_b):
-        """One iteration from ``f``: returns ``(f_new, g_new)``."""
-        g = -eps[:, None] * geom.lse_cols(log_a + f / eps[:, None], eps)
+        """One iteration from ``f``: returns ``(f_new, g_new)``. ``eps`` is a float
+        (the same for the batch: the scaled cost is reused) or a ``[B]`` tensor."""
+        e = eps if isinstance(eps, float) else eps[:, None]
+        g = -e * geom.lse_cols(log_a + f / e, eps)
         if rho_b is not None:
-            g = _lam(rho_b, eps)[:, None] * g
-        f_new = -eps[:, None] * geom.lse_rows(log_b + g / eps[:, None], eps)
+            g = (rho_b / (rho_b + e)) * g
+        f_new = -e * geom.lse_rows(log_b + g / e, eps)
         if rho_a is not None:
-            f_new = _lam(rho_a, eps)[:, None] * f_new
+            f_new = (rho_a / (rho_a + e)) * f_new
         return f_new, g
 
     def solve(self, geom: Geometry, a, b, eps: float, *, rho_a=None, rho_b=None, init=None, track: bool = False):
@@ -100,7 +98,7 @@ class Sinkhorn(IterativeSolver):
 
         def current_eps(st):
             if self.epsilon_scaling is None:
-                return eps_t
+                return float(eps)
             return torch.maximum(eps0 * self.epsilon_scaling ** st["step"], eps_t)
 
         def step(st):
@@ -110,14 +108,14 @@ class Sinkhorn(IterativeSolver):
         def residual(st):
             e = current_eps(st)
             f_new, _ = self.update(geom, log_a, log_b, st["f"], e, rho_a, rho_b)
-            scaled = e <= eps_t  # the schedule has reached eps
             if unbalanced:
-                err = ((f_new - st["f"]).abs() / eps_t[:, None]).amax(1)
+                err = ((f_new - st["f"]).abs() / float(eps)).amax(1)
             else:
                 # (P 1)_i = a_i exp((f_i - f_new_i) / eps) after the g update
-                err = (a * torch.expm1((st["f"] - f_new) / e[:, None]).abs()).nansum(1)
-            # not converged while the schedule is above eps (finite: inf would read as a failure)
-            err = torch.where(scaled, err, torch.full_like(err, torch.finfo(err.dtype).max))
+                err = (a * torch.expm1((st["f"] - f_new) / float(eps)).abs()).nansum(1)
+            if not isinstance(e, float):
+                # not converged while the schedule is above eps (finite: inf reads as a failure)
+                err = torch.where(e <= eps_t, err, torch.full_like(err, torch.finfo(err.dtype).max))
             return err, a.sum(1)
 
         if track:
@@ -131,5 +129,5 @@ class Sinkhorn(IterativeSolver):
                     check_every=self.check_every,
                 )
         with torch.set_grad_enabled(track and torch.is_grad_enabled()):
-            f, g = self.update(geom, log_a, log_b, state["f"], eps_t, rho_a, rho_b)
+            f, g = self.update(geom, log_a, log_b, state["f"], float(eps), rho_a, rho_b)
         return f, g, status, num_steps, err
