@@ -13,6 +13,7 @@ BENCHMARKS = {
     "ridge_hypergradient": "benchmarks.ridge_hypergradient",
     "qp_layer": "benchmarks.qp_layer",
     "conic_suites": "benchmarks.conic_suites",
+    "sinkhorn": "benchmarks.sinkhorn",
 }
 
 

@@ -5,11 +5,22 @@ discrete measures, given a dense cost or two point clouds whose cost is computed
 tiles, with log-domain Sinkhorn iterations; gradients come from the envelope theorem
 (``Envelope``, default), the implicit function theorem on the potentials
 (``dl.Implicit()``) or unrolling (``dl.Unroll()``). ``SinkhornDivergence`` is the
-debiased loss.
+debiased loss; ``soft_sort`` and ``soft_rank`` are differentiable sorting and ranking
+through a plan to sorted anchors.
 """
 
 from ._api import Envelope, SinkhornDivergence, SinkhornResult, sinkhorn
 from ._geometry import Geometry
 from ._sinkhorn import Sinkhorn
+from ._soft_sort import soft_rank, soft_sort
 
-__all__ = ["sinkhorn", "Sinkhorn", "Envelope", "SinkhornResult", "SinkhornDivergence", "Geometry"]
+__all__ = [
+    "sinkhorn",
+    "Sinkhorn",
+    "Envelope",
+    "SinkhornResult",
+    "SinkhornDivergence",
+    "Geometry",
+    "soft_sort",
+    "soft_rank",
+]
