@@ -80,3 +80,13 @@ def test_benchmark_quick(name):
     # implicit CG reaches float64 accuracy on both conditionings
     errors = [float(line.split("|")[4]) for line in table.splitlines() if line.startswith("| difflayers custom_root + CG ")]
     assert len(errors) == 2 and max(errors) < 1e-8, table
+
+
+def test_ot_layers_quick(tmp_path):
+    example = runpy.run_path(str(ROOT / "examples" / "ot_layers.py"))
+    result = example["main"](quick=True, plot=str(tmp_path / "ot.png"))
+    match, rank = result["matching"], result["ranking"]
+    # the divergence falls by orders of magnitude and the affine map is recovered
+    assert match["final"] < 1e-2 * match["initial"] and match["map error"] < 0.1
+    # the learned scores rank held-out items much like the hidden score
+    assert rank["spearman after"] > 0.9 and rank["spearman after"] > rank["spearman before"] + 0.2

@@ -433,11 +433,26 @@ class SinkhornDivergence(torch.nn.Module):
         self.epsilon, self.cost_fn, self.solver = epsilon, cost_fn, solver
 
     def forward(self, x, y, a=None, b=None):
-        kw = dict(epsilon=self.epsilon, cost_fn=self.cost_fn, solver=self.solver)
-        xy = sinkhorn(x=x, y=y, a=a, b=b, **kw).value
-        xx = sinkhorn(x=x, y=x, a=a, b=a, **kw).value
-        yy = sinkhorn(x=y, y=y, a=b, b=b, **kw).value
-        return xy - 0.5 * (xx + yy)
+        res = sinkhorn(x=x, y=y, a=a, b=b, epsilon=self.epsilon, cost_fn=self.cost_fn, solver=self.solver)
+        xx = self._self_transport(x, res.a, res.batched)
+        yy = self._self_transport(y, res.b, res.batched)
+        return res.value - 0.5 * (xx + yy)
+
+    def _self_transport(self, z, w, batched):
+        """``OT_eps(w, w)`` on the cloud ``z`` by the symmetric iteration, with the
+        envelope gradient attached (``g = f``)."""
+        z = _as_batched(z, 2, "x")
+        fn = COSTS[self.cost_fn] if isinstance(self.cost_fn, str) else self.cost_fn
+        geom = Geometry(x=z, y=z, cost_fn=fn)
+        solver = Sinkhorn() if self.solver is None else self.solver
+        f, status, steps, err = solver.solve_symmetric(geom, w.detach(), self.epsilon)
+        if not bool((status == int(Status.SUCCESS)).all()):
+            raise ConvergenceError(
+                "SinkhornDivergence (self-transport)",
+                Solution(f, status, {"num_steps": steps, "residual": err}),
+            )
+        value = _envelope_value(geom, f, f, w, w, float(self.epsilon), None, None)
+        return value if batched else value[0]
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}, cost_fn={self.cost_fn!r}"
