@@ -42,6 +42,10 @@ class Sinkhorn(IterativeSolver):
         epsilon_scaling: ``None``, or a factor in ``(0, 1)``: the iterations start at
             ``eps_0 = max(eps, max C)`` and multiply it by this factor each iteration
             until it reaches ``eps`` (fewer iterations for small ``eps``).
+        relaxation: over-relaxation ``omega`` in ``[1, 2)``: each potential moves to
+            ``(1 - omega) * old + omega * update``. ``1`` is plain Sinkhorn; values near
+            ``1.5`` often halve the iterations at small ``eps``. The fixed point, hence
+            the solution and its implicit gradient, is the same.
 
     References:
         Cuturi, Sinkhorn Distances (2013), arXiv:1306.0895; Schmitzer, Stabilized
@@ -53,9 +57,12 @@ class Sinkhorn(IterativeSolver):
     max_steps: int = 1000
     check_every: int = 10
     epsilon_scaling: float | None = None
+    relaxation: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
+        if not (1.0 <= self.relaxation < 2.0):
+            raise ValueError(f"Sinkhorn: relaxation must be in [1, 2), got {self.relaxation!r}.")
         if self.max_steps is None:
             raise ValueError("Sinkhorn: max_steps must be an int >= 0, got None.")
         if self.epsilon_scaling is not None and not (0.0 < self.epsilon_scaling < 1.0):
@@ -91,6 +98,11 @@ class Sinkhorn(IterativeSolver):
         else:
             f = init[0].to(a)
         state = {"f": f, "step": torch.zeros(batch, dtype=a.dtype, device=a.device)}
+        omega = self.relaxation
+        if omega != 1.0:
+            e0 = float(eps)
+            g0 = -e0 * geom.lse_cols(log_a + f / e0, e0)
+            state["g"] = g0 if rho_b is None else (rho_b / (rho_b + e0)) * g0
         if self.epsilon_scaling is not None:
             c_max = torch.stack([c.detach().amax(dim=(1, 2)) for _, _, c in geom.tiles()], 1).amax(1)
             eps0 = torch.maximum(c_max, eps_t)
@@ -102,8 +114,21 @@ class Sinkhorn(IterativeSolver):
             return torch.maximum(eps0 * self.epsilon_scaling ** st["step"], eps_t)
 
         def step(st):
-            f_new, _ = self.update(geom, log_a, log_b, st["f"], current_eps(st), rho_a, rho_b)
-            return {"f": f_new, "step": st["step"] + 1.0}
+            e = current_eps(st)
+            if omega == 1.0:
+                f_new, _ = self.update(geom, log_a, log_b, st["f"], e, rho_a, rho_b)
+                return {"f": f_new, "step": st["step"] + 1.0}
+            # over-relaxed: each half step moves past the plain update by omega
+            ec = e if isinstance(e, float) else e[:, None]
+            g = -ec * geom.lse_cols(log_a + st["f"] / ec, e)
+            if rho_b is not None:
+                g = (rho_b / (rho_b + ec)) * g
+            g = (1.0 - omega) * st["g"] + omega * g
+            f = -ec * geom.lse_rows(log_b + g / ec, e)
+            if rho_a is not None:
+                f = (rho_a / (rho_a + ec)) * f
+            f = (1.0 - omega) * st["f"] + omega * f
+            return {"f": f, "g": g, "step": st["step"] + 1.0}
 
         def residual(st):
             e = current_eps(st)

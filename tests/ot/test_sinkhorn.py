@@ -193,3 +193,21 @@ def test_bad_geometry():
         sinkhorn(x=x, y=torch.rand(2, 15, 3, dtype=F64), epsilon=0.1)
     with pytest.raises(ValueError, match="NaN"):
         sinkhorn(cost=torch.full((4, 5), float("nan"), dtype=F64), epsilon=0.1)
+
+
+def test_over_relaxation_same_solution_fewer_iterations():
+    x, y, a, b = _clouds(batch=2, n=40, m=50, seed=12)
+    plain = sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.01, solver=Sinkhorn(max_steps=20000))
+    fast = sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.01, solver=Sinkhorn(max_steps=20000, relaxation=1.6))
+    torch.testing.assert_close(fast.value, plain.value, rtol=1e-9, atol=1e-12)
+    assert bool((2 * fast.stats["num_steps"] <= plain.stats["num_steps"]).all())
+    # unrolling through relaxed iterations still gives the gradient of the solution
+    xx = x.clone().requires_grad_()
+    unrolled = sinkhorn(x=xx, y=y, a=a, b=b, epsilon=0.05, adjoint=dl.Unroll(),
+                        solver=Sinkhorn(rtol=1e-12, atol=1e-14, max_steps=20000, relaxation=1.5))
+    unrolled.value.sum().backward()
+    xe = x.clone().requires_grad_()
+    sinkhorn(x=xe, y=y, a=a, b=b, epsilon=0.05, solver=TIGHT).value.sum().backward()
+    torch.testing.assert_close(xx.grad, xe.grad, rtol=1e-7, atol=1e-10)
+    with pytest.raises(ValueError, match="relaxation"):
+        Sinkhorn(relaxation=2.0)
