@@ -90,3 +90,18 @@ def test_ot_layers_quick(tmp_path):
     assert match["final"] < 1e-2 * match["initial"] and match["map error"] < 0.1
     # the learned scores rank held-out items much like the hidden score
     assert rank["spearman after"] > 0.9 and rank["spearman after"] > rank["spearman before"] + 0.2
+
+
+def test_conic_and_ot_benchmarks_quick():
+    """The benchmarks behind docs/benchmarks.md run; their accuracy columns hold."""
+    import importlib
+
+    from benchmarks.run import BENCHMARKS
+
+    suites = importlib.import_module(BENCHMARKS["conic_suites"]).run(repeats=1, quick=True)
+    assert "| LP (25 problems) | SUCCESS 25 |" in suites, suites
+    assert "PRIMAL_INFEASIBLE 3, DUAL_INFEASIBLE 3" in suites, suites
+    pytest.importorskip("ot")
+    table = importlib.import_module(BENCHMARKS["sinkhorn"]).run(repeats=1, quick=True)
+    row = next(line for line in table.splitlines() if line.startswith("| difflayers (envelope)"))
+    assert float(row.split("|")[4]) < 1e-2, table  # float32, 20 iterations, against a converged float64 run
