@@ -11,6 +11,7 @@ Entry points::
     sol = dl.solvers.linear_solve(A, b)         # batched dense or matrix-free
     x = dl.QPLayer()(P, q, G, h, A, b)          # batched QP, None for absent parts
     xs = dl.ConicLayer(problem, parameters, variables)(*tensors)   # cvxpy front end
+    r = dl.ot.sinkhorn(x=x, y=y, epsilon=0.05)  # entropic OT; dl.SinkhornLayer for the plan
 
 Every solve is batched over the leading dimension and differentiable with respect
 to the explicit ``*params`` through the strategy passed as ``adjoint=``.
@@ -18,6 +19,7 @@ to the explicit ``*params`` through the strategy passed as ``adjoint=``.
 
 from . import conic, implicit, ot, solvers
 from .conic import ConicLayer, QPLayer
+from .ot import SinkhornLayer
 from .implicit import (
     CheckpointedUnroll,
     Implicit,
@@ -41,6 +43,7 @@ __all__ = [
     "ot",
     "QPLayer",
     "ConicLayer",
+    "SinkhornLayer",
     "fixed_point",
     "root_find",
     "argmin",

@@ -9,7 +9,7 @@ debiased loss; ``soft_sort`` and ``soft_rank`` are differentiable sorting and ra
 through a plan to sorted anchors.
 """
 
-from ._api import Envelope, SinkhornDivergence, SinkhornResult, sinkhorn
+from ._api import Envelope, SinkhornDivergence, SinkhornLayer, SinkhornResult, sinkhorn
 from ._geometry import Geometry
 from ._sinkhorn import Sinkhorn
 from ._soft_sort import soft_rank, soft_sort
@@ -20,6 +20,7 @@ __all__ = [
     "Envelope",
     "SinkhornResult",
     "SinkhornDivergence",
+    "SinkhornLayer",
     "Geometry",
     "soft_sort",
     "soft_rank",

@@ -15,7 +15,7 @@ from ..solvers import ConvergenceError, Solution, Status
 from ._geometry import COSTS, Geometry
 from ._sinkhorn import Sinkhorn
 
-__all__ = ["sinkhorn", "Envelope", "SinkhornResult", "SinkhornDivergence"]
+__all__ = ["sinkhorn", "Envelope", "SinkhornResult", "SinkhornDivergence", "SinkhornLayer"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -456,3 +456,47 @@ class SinkhornDivergence(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}, cost_fn={self.cost_fn!r}"
+
+
+class SinkhornLayer(torch.nn.Module):
+    """Entropic transport plan between two point clouds (or a given cost) as a layer.
+
+    ``layer(x, y, a=None, b=None)`` returns the plan ``P [B, n, m]`` of
+    ``sinkhorn(x=x, y=y, ...)`` (``layer(cost=C)`` for a dense cost), differentiable by
+    the implicit function theorem by default, so the plan can feed the rest of a
+    network (soft matchings, attention-like transport, barycentric projections
+    ``P y / a``).
+
+    Args:
+        epsilon: the entropic regularization.
+        cost_fn: as in ``sinkhorn``.
+        solver: a ``Sinkhorn``.
+        adjoint: ``dl.Implicit()`` (default) or ``dl.Unroll()`` (the plan needs a
+            differentiable solution, so ``Envelope`` is not accepted).
+        return_result: return the whole ``SinkhornResult`` instead of the plan.
+
+    Example:
+        >>> import torch, difflayers as dl
+        >>> layer = dl.ot.SinkhornLayer(epsilon=0.1)
+        >>> x = torch.rand(4, 10, 2, dtype=torch.float64, requires_grad=True)
+        >>> y = torch.rand(4, 12, 2, dtype=torch.float64)
+        >>> P = layer(x, y)                       # [4, 10, 12], rows sum to 1/10
+        >>> (P @ y).square().sum().backward()
+    """
+
+    def __init__(self, *, epsilon: float, cost_fn="sqeuclidean", solver: Sinkhorn | None = None,
+                 adjoint: Adjoint | None = None, return_result: bool = False):
+        super().__init__()
+        adjoint = Implicit() if adjoint is None else adjoint
+        if isinstance(adjoint, Envelope):
+            raise TypeError("SinkhornLayer: the plan needs Implicit() or Unroll(); Envelope only differentiates the value.")
+        self.epsilon, self.cost_fn, self.solver, self.adjoint = epsilon, cost_fn, solver, adjoint
+        self.return_result = return_result
+
+    def forward(self, x=None, y=None, a=None, b=None, *, cost=None):
+        res = sinkhorn(cost=cost, x=x, y=y, a=a, b=b, epsilon=self.epsilon, cost_fn=self.cost_fn,
+                       solver=self.solver, adjoint=self.adjoint)
+        return res if self.return_result else res.plan
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.epsilon}, cost_fn={self.cost_fn!r}, adjoint={self.adjoint}"

@@ -211,3 +211,21 @@ def test_over_relaxation_same_solution_fewer_iterations():
     torch.testing.assert_close(xx.grad, xe.grad, rtol=1e-7, atol=1e-10)
     with pytest.raises(ValueError, match="relaxation"):
         Sinkhorn(relaxation=2.0)
+
+
+def test_sinkhorn_layer_returns_a_differentiable_plan():
+    x, y, a, b = _clouds(seed=13)
+    layer = dl.SinkhornLayer(epsilon=0.1, solver=TIGHT)
+    P = layer(x, y, a, b)
+    torch.testing.assert_close(P, sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.1, solver=TIGHT).plan)
+    grads = []
+    for adjoint in (dl.Implicit(), dl.Unroll()):
+        xx = x.clone().requires_grad_()
+        (dl.SinkhornLayer(epsilon=0.1, solver=TIGHT, adjoint=adjoint)(xx, y, a, b) @ y).square().sum().backward()
+        grads.append(xx.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-10)
+    C = torch.cdist(x, y).square()
+    torch.testing.assert_close(layer(cost=C, a=a, b=b), P)
+    assert isinstance(dl.SinkhornLayer(epsilon=0.1, return_result=True)(x, y), dl.ot.SinkhornResult)
+    with pytest.raises(TypeError, match="Implicit"):
+        dl.SinkhornLayer(epsilon=0.1, adjoint=dl.ot.Envelope())
