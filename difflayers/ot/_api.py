@@ -320,6 +320,12 @@ def _envelope_value(geom, f, g, a, b, eps, rho_a, rho_b):
     with torch.no_grad():
         rows, cols = _marginals(geom, f, g, a, b, eps)
         entropy = _entropy(geom, f, g, a, b, eps)
+    return _unbalanced_objective(transport, entropy, rows, cols, a, b, eps, rho_a, rho_b)
+
+
+def _unbalanced_objective(transport, entropy, rows, cols, a, b, eps, rho_a, rho_b):
+    """``<C, P> + eps KL(P | ab') + rho_a KL(P 1 | a) + rho_b KL(P' 1 | b)`` from its parts
+    (``entropy = sum P log P``, ``rows = P 1``, ``cols = P' 1``)."""
     value = transport + eps * (entropy - torch.xlogy(rows, a).sum(1) - torch.xlogy(cols, b).sum(1)
                                - rows.sum(1) + a.sum(1) * b.sum(1))
     if rho_a is not None:
@@ -349,13 +355,7 @@ def _value(geom, f, g, a, b, eps, rho_a, rho_b):
         p = torch.exp(torch.log(a[:, s:t, None]) + torch.log(b[:, None, :]) + (f[:, s:t, None] + g[:, None, :] - c) / eps)
         transport = transport + (p * c).sum((1, 2))
     entropy = _entropy(geom, f, g, a, b, eps)
-    value = transport + eps * (entropy - torch.xlogy(rows, a).sum(1) - torch.xlogy(cols, b).sum(1)
-                               - rows.sum(1) + a.sum(1) * b.sum(1))
-    if rho_a is not None:
-        value = value + rho_a * _kl(rows, a)
-    if rho_b is not None:
-        value = value + rho_b * _kl(cols, b)
-    return value
+    return _unbalanced_objective(transport, entropy, rows, cols, a, b, eps, rho_a, rho_b)
 
 
 def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
