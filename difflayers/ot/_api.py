@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..implicit import Adjoint, Implicit, Unroll, custom_root
 from ..solvers import ConvergenceError, Solution, Status
 from ._geometry import COSTS, Geometry
-from ._sinkhorn import Sinkhorn
+from ._sinkhorn import Sinkhorn, _update_g
 
 __all__ = ["sinkhorn", "Envelope", "SinkhornResult", "SinkhornDivergence", "SinkhornLayer"]
 
@@ -267,25 +267,25 @@ def sinkhorn(
     return result
 
 
-def _tile_transport(c, f, g, log_a, log_b, eps):
+def _tile_transport(c, f, g, a, b, eps):
     """``sum_ij P_ij C_ij`` for one tile with ``P`` from detached potentials."""
     with torch.no_grad():
-        p = torch.exp(log_a[:, :, None] + log_b[:, None, :] + (f[:, :, None] + g[:, None, :] - c.detach()) / eps)
+        p = _plan_tile(c.detach(), f, g, a, b, eps)
     return (p * c).sum((1, 2))
 
 
 def _transport(geom: Geometry, f, g, a, b, eps):
     """``<P, C>`` with ``P`` fixed (no gradient) and ``C`` differentiable, tile by tile;
     point-cloud tiles are recomputed in the backward pass (memory of one tile)."""
-    log_a, log_b = torch.log(a.detach()), torch.log(b.detach())
+    a, b = a.detach(), b.detach()
     if geom.cost is not None:
-        return _tile_transport(geom.cost, f, g, log_a, log_b, eps)
+        return _tile_transport(geom.cost, f, g, a, b, eps)
     total = 0.0
     for start in range(0, geom.n, geom.tile):
         stop = min(start + geom.tile, geom.n)
 
         def part(xt, y, start=start, stop=stop):
-            return _tile_transport(geom.cost_fn(xt, y), f[:, start:stop], g, log_a[:, start:stop], log_b, eps)
+            return _tile_transport(geom.cost_fn(xt, y), f[:, start:stop], g, a[:, start:stop], b, eps)
 
         xt = geom.x[:, start:stop]
         if torch.is_grad_enabled() and (xt.requires_grad or geom.y.requires_grad):
@@ -295,14 +295,16 @@ def _transport(geom: Geometry, f, g, a, b, eps):
     return total
 
 
-def _marginals(geom: Geometry, f, g, a, b, eps):
-    log_a, log_b = torch.log(a), torch.log(b)
-    rows, cols = [], 0.0
+def _plan_statistics(geom: Geometry, f, g, a, b, eps):
+    """``(<P, C>, sum P log P, P 1, P' 1)`` in one pass over the tiles."""
+    transport, entropy, rows, cols = 0.0, 0.0, [], 0.0
     for s, t, c in geom.tiles():
-        p = torch.exp(log_a[:, s:t, None] + log_b[:, None, :] + (f[:, s:t, None] + g[:, None, :] - c) / eps)
+        p = _plan_tile(c, f[:, s:t], g, a[:, s:t], b, eps)
+        transport = transport + (p * c).sum((1, 2))
+        entropy = entropy + torch.xlogy(p, p).sum((1, 2))
         rows.append(p.sum(2))
         cols = cols + p.sum(1)
-    return torch.cat(rows, 1), cols
+    return transport, entropy, torch.cat(rows, 1), cols
 
 
 def _kl(u, v):
@@ -312,14 +314,12 @@ def _kl(u, v):
 def _envelope_value(geom, f, g, a, b, eps, rho_a, rho_b):
     """The value, with the envelope gradient attached to ``C`` (or ``x, y``), ``a``, ``b``."""
     transport = _transport(geom, f, g, a, b, eps)
-    fixed = transport.detach()
     if rho_a is None and rho_b is None:
         # <C, P> + eps KL(P | ab') = <f, a> + <g, b> at the optimum; d/da = f, d/db = g
-        return (f * a).nansum(1) + (g * b).nansum(1) + (transport - fixed)
+        return (f * a).nansum(1) + (g * b).nansum(1) + (transport - transport.detach())
     # unbalanced: no constraint, so Danskin holds for every argument of the objective
     with torch.no_grad():
-        rows, cols = _marginals(geom, f, g, a, b, eps)
-        entropy = _entropy(geom, f, g, a, b, eps)
+        _, entropy, rows, cols = _plan_statistics(geom, f, g, a, b, eps)
     return _unbalanced_objective(transport, entropy, rows, cols, a, b, eps, rho_a, rho_b)
 
 
@@ -335,27 +335,11 @@ def _unbalanced_objective(transport, entropy, rows, cols, a, b, eps, rho_a, rho_
     return value
 
 
-def _entropy(geom, f, g, a, b, eps):
-    """``sum_ij P_ij log P_ij``."""
-    log_a, log_b = torch.log(a), torch.log(b)
-    total = 0.0
-    for s, t, c in geom.tiles():
-        logp = log_a[:, s:t, None] + log_b[:, None, :] + (f[:, s:t, None] + g[:, None, :] - c) / eps
-        total = total + torch.xlogy(torch.exp(logp), torch.exp(logp)).sum((1, 2))
-    return total
-
-
 def _value(geom, f, g, a, b, eps, rho_a, rho_b):
     """The value from differentiable potentials (``Implicit``, ``Unroll``)."""
     if rho_a is None and rho_b is None:
         return (f * a).nansum(1) + (g * b).nansum(1)
-    rows, cols = _marginals(geom, f, g, a, b, eps)
-    transport = 0.0
-    for s, t, c in geom.tiles():
-        p = torch.exp(torch.log(a[:, s:t, None]) + torch.log(b[:, None, :]) + (f[:, s:t, None] + g[:, None, :] - c) / eps)
-        transport = transport + (p * c).sum((1, 2))
-    entropy = _entropy(geom, f, g, a, b, eps)
-    return _unbalanced_objective(transport, entropy, rows, cols, a, b, eps, rho_a, rho_b)
+    return _unbalanced_objective(*_plan_statistics(geom, f, g, a, b, eps), a, b, eps, rho_a, rho_b)
 
 
 def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
@@ -400,9 +384,7 @@ def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
     params = params + (a, b)
     f = custom_root(F, linear_solver=adjoint.linear_solver)(solve)(torch.zeros_like(a), *params)
     # g is one soft-minimum away from f: differentiable through ordinary autograd
-    g = -eps * geom.lse_cols(torch.log(a) + f / eps, eps)
-    if rho_b is not None:
-        g = (rho_b / (rho_b + eps)) * g
+    g = _update_g(geom, torch.log(a), f, eps, rho_b)
     return f, g, outcome["status"], outcome["steps"], outcome["err"]
 
 

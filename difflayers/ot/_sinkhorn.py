@@ -26,6 +26,20 @@ from ._geometry import Geometry
 __all__ = ["Sinkhorn"]
 
 
+def _update_g(geom: Geometry, log_a, f, eps, rho_b):
+    """``g_j = -lam_b eps LSE_i(log a_i + (f_i - C_ij) / eps)``."""
+    e = eps if isinstance(eps, float) else eps[:, None]
+    g = -e * geom.lse_cols(log_a + f / e, eps)
+    return g if rho_b is None else (rho_b / (rho_b + e)) * g
+
+
+def _update_f(geom: Geometry, log_b, g, eps, rho_a):
+    """``f_i = -lam_a eps LSE_j(log b_j + (g_j - C_ij) / eps)``."""
+    e = eps if isinstance(eps, float) else eps[:, None]
+    f = -e * geom.lse_rows(log_b + g / e, eps)
+    return f if rho_a is None else (rho_a / (rho_a + e)) * f
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sinkhorn(IterativeSolver):
     """Batched log-domain Sinkhorn with per-problem convergence.
@@ -75,14 +89,8 @@ class Sinkhorn(IterativeSolver):
     def update(self, geom: Geometry, log_a, log_b, f, eps, rho_a, rho_b):
         """One iteration from ``f``: returns ``(f_new, g_new)``. ``eps`` is a float
         (the same for the batch: the scaled cost is reused) or a ``[B]`` tensor."""
-        e = eps if isinstance(eps, float) else eps[:, None]
-        g = -e * geom.lse_cols(log_a + f / e, eps)
-        if rho_b is not None:
-            g = (rho_b / (rho_b + e)) * g
-        f_new = -e * geom.lse_rows(log_b + g / e, eps)
-        if rho_a is not None:
-            f_new = (rho_a / (rho_a + e)) * f_new
-        return f_new, g
+        g = _update_g(geom, log_a, f, eps, rho_b)
+        return _update_f(geom, log_b, g, eps, rho_a), g
 
     def solve(self, geom: Geometry, a, b, eps: float, *, rho_a=None, rho_b=None, init=None, track: bool = False):
         """Run the iterations; returns ``(f, g, status, num_steps, residual)``.
@@ -100,9 +108,7 @@ class Sinkhorn(IterativeSolver):
         state = {"f": f, "step": torch.zeros(batch, dtype=a.dtype, device=a.device)}
         omega = self.relaxation
         if omega != 1.0:
-            e0 = float(eps)
-            g0 = -e0 * geom.lse_cols(log_a + f / e0, e0)
-            state["g"] = g0 if rho_b is None else (rho_b / (rho_b + e0)) * g0
+            state["g"] = _update_g(geom, log_a, f, float(eps), rho_b)
         if self.epsilon_scaling is not None:
             c_max = torch.stack([c.detach().amax(dim=(1, 2)) for _, _, c in geom.tiles()], 1).amax(1)
             eps0 = torch.maximum(c_max, eps_t)
@@ -119,15 +125,8 @@ class Sinkhorn(IterativeSolver):
                 f_new, _ = self.update(geom, log_a, log_b, st["f"], e, rho_a, rho_b)
                 return {"f": f_new, "step": st["step"] + 1.0}
             # over-relaxed: each half step moves past the plain update by omega
-            ec = e if isinstance(e, float) else e[:, None]
-            g = -ec * geom.lse_cols(log_a + st["f"] / ec, e)
-            if rho_b is not None:
-                g = (rho_b / (rho_b + ec)) * g
-            g = (1.0 - omega) * st["g"] + omega * g
-            f = -ec * geom.lse_rows(log_b + g / ec, e)
-            if rho_a is not None:
-                f = (rho_a / (rho_a + ec)) * f
-            f = (1.0 - omega) * st["f"] + omega * f
+            g = (1.0 - omega) * st["g"] + omega * _update_g(geom, log_a, st["f"], e, rho_b)
+            f = (1.0 - omega) * st["f"] + omega * _update_f(geom, log_b, g, e, rho_a)
             return {"f": f, "g": g, "step": st["step"] + 1.0}
 
         def residual(st):
@@ -170,7 +169,7 @@ class Sinkhorn(IterativeSolver):
         eps = float(eps)
 
         def T(f):
-            return -eps * geom.lse_rows(log_a + f / eps, eps)
+            return _update_f(geom, log_a, f, eps, None)
 
         def step(st):
             return {"f": 0.5 * (st["f"] + T(st["f"]))}
