@@ -82,7 +82,7 @@ def cvxpy_layer(data: dict) -> list[dict]:
     import cvxpy as cp
 
     B, k, n = data["F"].shape
-    m, p = data["G"].shape[0], data["A"].shape[0]
+    m = data["G"].shape[0]
     x = cp.Variable(n)
     F_p, q_p, G_p, h_p = cp.Parameter((k, n)), cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
     objective = 0.5 * cp.sum_squares(F_p @ x) + 0.05 * cp.sum_squares(x) + q_p @ x

@@ -35,7 +35,7 @@ import torch
 
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
-from ._kkt import DualPrecomputation, KKTFactorization, _cholesky, _refined_solve
+from ._kkt import DualKKTFactorization, DualPrecomputation, KKTFactorization, _cholesky
 
 __all__ = ["ExactKKT"]
 
@@ -197,7 +197,7 @@ class ExactKKT:
         return dx, dz
 
 
-class _DualExact:
+class _DualExact(DualKKTFactorization):
     """The exact-derivative system of an LP/QP with positive definite ``P`` in ``m``-space.
 
     With ``A_act`` the rows of ``A`` on the active set (others zero) and ``D`` = 1 on
@@ -206,21 +206,10 @@ class _DualExact:
     """
 
     def __init__(self, pre: DualPrecomputation, active: torch.Tensor, *, refine_steps: int, regularization: float):
-        dtype = pre.A.dtype
-        act = active.to(dtype)
+        act = active.to(pre.A.dtype)
         self.pre, self.P, self.A, self.p = pre, pre.P, pre.A * act[:, :, None], active.shape[1]
         self.scaling, self.refine_steps = None, refine_steps
-        self.act, self.keep, self.eq_diag = act, act, 1.0 - act
+        self.row_mask, self.keep, self.eq_diag = act, act, 1.0 - act
         S = act[:, :, None] * pre.APA * act[:, None, :]
         S = S + torch.diag_embed(self.eq_diag + regularization * pre.data_scale[:, None])
         self.LS, self.info = _cholesky(S, regularization)
-
-    def _solve_once(self, rx, rz):
-        t = torch.bmm(rx, self.pre.PinvAt) * self.act[:, None, :]
-        y = torch.linalg.solve_triangular(self.LS, (t - rz).transpose(1, 2), upper=False)
-        dz = torch.linalg.solve_triangular(self.LS.transpose(1, 2), y, upper=True).transpose(1, 2)
-        dx = torch.bmm(rx - torch.bmm(dz, self.A), self.pre.Pinv)
-        return dx, dz
-
-    def solve(self, rx, rz):
-        return _refined_solve(self, rx, rz)

@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from ..solvers import IterativeSolver, Status, iterate
+from ..solvers import IterativeSolver, Status, batch_dot, iterate
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
 from ._exact import ExactKKT
@@ -41,10 +41,6 @@ def _inf_norm(v: torch.Tensor) -> torch.Tensor:
     if v.shape[1] == 0:
         return v.new_zeros(v.shape[0])
     return torch.linalg.vector_norm(v, ord=float("inf"), dim=1)
-
-
-def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (u * v).sum(dim=1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -177,14 +173,13 @@ class InteriorPoint(IterativeSolver):
         dtol = atol + rtol * torch.maximum(_inf_norm(q), one)
         usable = (status == int(Status.SUCCESS)) | (status == int(Status.INACCURATE))
         done = torch.zeros_like(usable)
-        x0, z0, s0 = x, z, s
+        z0, s0 = z, s
         kkt_out = None
         # Rows with both s_i and z_i small are ambiguous; if the natural split
         # (z_i > s_i) gives an infeasible point, try counting them as active, then
         # as inactive.
         for ratio in (1.0, 1e-2, 1e2):
             kkt = self.factorize_exact(P, A, cones, layout, s0, z0, ratio=ratio, pre=pre)
-            kkt_out = kkt if kkt_out is None else kkt_out
             xp, zp = kkt.solve(-q, b)
             active = torch.cat(
                 [torch.ones_like(s0[:, :p], dtype=torch.bool), (z0 > ratio * s0)[:, p:]], dim=1
@@ -197,17 +192,15 @@ class InteriorPoint(IterativeSolver):
                 ok = ok & (sp[:, p:].amin(1) >= -ptol) & (zp[:, p:].amin(1) >= -dtol)
             keep = ok[:, None]
             x = torch.where(keep, xp, x)
-            z = torch.where(keep, zp.clamp_min(0.0) if p == 0 else torch.cat([zp[:, :p], zp[:, p:].clamp_min(0.0)], 1), z)
+            z = torch.where(keep, torch.cat([zp[:, :p], zp[:, p:].clamp_min(0.0)], 1), z)
             s = torch.where(keep, sp.clamp_min(0.0), s)
             done = done | ok
-            if ratio == 1.0:
-                kkt_out = kkt
             if bool((done | ~usable).all()):
+                # the backward pass may reuse this factorization only if every
+                # returned point comes from it (the first, natural split)
+                kkt_out = kkt if ratio == 1.0 else None
                 break
         status = torch.where(done, int(Status.SUCCESS), status)
-        # the factorization for the backward pass must match the returned point
-        if not bool((done | ~usable).all()) or ratio != 1.0:
-            kkt_out = None
         return x, z, s, status, done, kkt_out
 
     # ------------------------------------------------------------------------------
@@ -219,7 +212,7 @@ class InteriorPoint(IterativeSolver):
         """
         rtol, atol = self.tolerances(q.dtype)
         eps_inf = self._infeasibility_tol(q.dtype)
-        batch, n, m, p = q.shape[0], q.shape[1], b.shape[1], cones.zero
+        batch, p = q.shape[0], cones.zero
         dtype, device = q.dtype, q.device
         degree = cones.degree
         frac = self.step_fraction
@@ -287,10 +280,10 @@ class InteriorPoint(IterativeSolver):
             Ax = _bmv(A, x)
             Ax_s = Ax + s
             px_n, atz_n = _inf_norm(Px), _inf_norm(Atz)
-            qx_raw, bz_raw = _dot(q, x), _dot(b, z)
+            qx_raw, bz_raw = batch_dot(q, x), batch_dot(b, z)
             pres = _inf_norm(Ax_s - b * tau[:, None]) / tau
             dres = _inf_norm(Px + Atz + q * tau[:, None]) / tau
-            xPx_n = _dot(x, Px) / tau**2
+            xPx_n = batch_dot(x, Px) / tau**2
             pobj = 0.5 * xPx_n + qx_raw / tau
             dobj = -0.5 * xPx_n - bz_raw / tau
             gap = (pobj - dobj).abs()
@@ -321,9 +314,9 @@ class InteriorPoint(IterativeSolver):
             Px, Atz, Ax = st["Px"], st["Atz"], st["Ax"]
             rx = Px + Atz + q * tau[:, None]
             rz = Ax + s - b * tau[:, None]
-            rt = _dot(q, x) + _dot(b, z) + kappa + _dot(x, Px) / tau
+            rt = batch_dot(q, x) + batch_dot(b, z) + kappa + batch_dot(x, Px) / tau
             s_I, z_I = ineq(s), ineq(z)
-            mu = (_dot(s_I, z_I) + tau * kappa) / (degree + 1)
+            mu = (batch_dot(s_I, z_I) + tau * kappa) / (degree + 1)
             kkt = self.factorize(P, A, cones, layout, s, z, pre)
             W = kkt.scaling
             lam = W.lam
@@ -337,7 +330,7 @@ class InteriorPoint(IterativeSolver):
 
             def finish(dx1, dz1, corr, dtr, dk):
                 # dtau from the tau row, then dkappa = (dk - kappa dtau) / tau
-                dtau = (dtr - dk / tau - _dot(c_tau, dx1) - _dot(b, dz1)) / denom
+                dtau = (dtr - dk / tau - batch_dot(c_tau, dx1) - batch_dot(b, dz1)) / denom
                 ddx = dx1 + dtau[:, None] * dx2
                 ddz = dz1 + dtau[:, None] * dz2
                 dds_I = corr - W.apply(W.apply(ineq(ddz)))
@@ -352,7 +345,7 @@ class InteriorPoint(IterativeSolver):
             dx2, dz2 = dxs[:, 0], dzs[:, 0]
             v = dx2 - xt
             wdz2 = W.apply(ineq(dz2))
-            denom = -(_dot(v, Pmv(v)) + _dot(wdz2, wdz2) + kappa / tau)
+            denom = -(batch_dot(v, Pmv(v)) + batch_dot(wdz2, wdz2) + kappa / tau)
 
             def step_length(dds_I, ddz, dtau, dk):
                 a = torch.minimum(layout.max_step(s_I, dds_I), layout.max_step(z_I, ineq(ddz)))
@@ -410,7 +403,7 @@ class InteriorPoint(IterativeSolver):
         # optimal point (tau > 0) or normalized certificate (infeasible samples)
         p_inf = status == int(Status.PRIMAL_INFEASIBLE)
         d_inf = status == int(Status.DUAL_INFEASIBLE)
-        scale = torch.where(p_inf, -_dot(b, z), torch.where(d_inf, -_dot(q, x), tau))
+        scale = torch.where(p_inf, -batch_dot(b, z), torch.where(d_inf, -batch_dot(q, x), tau))
         scale = torch.where(scale.abs() > 0, scale, torch.ones_like(scale))[:, None]
         x, z, s = x / scale, z / scale, s / scale
         stats = {"num_steps": num_steps, "residual": err, "tau": tau, "kappa": state["kappa"]}

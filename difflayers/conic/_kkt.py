@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._cone_algebra import ConeLayout, Scaling
+from ._cone_algebra import Scaling
 
 __all__ = ["KKTFactorization", "DualKKTFactorization", "DualPrecomputation"]
 
@@ -244,6 +244,7 @@ class DualKKTFactorization:
         self.pre, self.P, self.A, self.p, self.scaling = pre, pre.P, pre.A, num_eq, scaling
         self.refine_steps = refine_steps
         self.eq_diag = None
+        self.row_mask = None  # rows of A kept (None: all); see _exact._DualExact
         S = pre.APA
         mi = S.shape[1] - num_eq
         if mi > 0 and not scaling.w:  # orthant only: W^2 = diag(s / z)
@@ -264,6 +265,8 @@ class DualKKTFactorization:
     def _solve_once(self, rx, rz):
         pre = self.pre
         t = torch.bmm(rx, pre.PinvAt)  # rows of A P^-1 rx
+        if self.row_mask is not None:
+            t = t * self.row_mask[:, None, :]
         y = torch.linalg.solve_triangular(self.LS, (t - rz).transpose(1, 2), upper=False)
         dz = torch.linalg.solve_triangular(self.LS.transpose(1, 2), y, upper=True).transpose(1, 2)
         dx = torch.bmm(rx - torch.bmm(dz, self.A), pre.Pinv)

@@ -18,7 +18,7 @@ from ..solvers import ConvergenceError, Solution, Status
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
 from ._interior_point import InteriorPoint
-from ._kkt import DualPrecomputation, KKTFactorization, _bmtv, _bmv
+from ._kkt import DualPrecomputation, _bmtv, _bmv
 
 __all__ = ["solve_conic", "ConicSolution", "Smoothed", "ON_FAILURE"]
 
@@ -300,7 +300,6 @@ def solve_conic(
             )
         start = (ws[0].detach().to(q), to_grouped(ws[1].detach().to(q)), to_grouped(ws[2].detach().to(q)))
 
-    inputs = [t for t in (P, q, A, b) if t is not None]
     # Under grad mode the derivative node is always attached (its only extra cost is
     # the final factorization): torch.func transforms (jvp, grad, vmap) hand in
     # tensors that do not say requires_grad. Solve under torch.no_grad() to skip it.
