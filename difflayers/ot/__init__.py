@@ -6,11 +6,13 @@ tiles, with log-domain Sinkhorn iterations; gradients come from the envelope the
 (``Envelope``, default), the implicit function theorem on the potentials
 (``dl.Implicit()``) or unrolling (``dl.Unroll()``). ``SinkhornDivergence`` is the
 debiased loss; ``soft_sort`` and ``soft_rank`` are differentiable sorting and ranking
-through a plan to sorted anchors.
+through a plan to sorted anchors. ``quadratic_ot`` solves quadratically regularized OT
+(sparse plans) by a semismooth Newton method, with envelope or implicit gradients.
 """
 
 from ._api import Envelope, SinkhornDivergence, SinkhornLayer, SinkhornResult, sinkhorn
 from ._geometry import Geometry
+from ._quadratic import QuadraticOTResult, SemismoothNewton, quadratic_ot
 from ._sinkhorn import Sinkhorn
 from ._soft_sort import soft_rank, soft_sort
 
@@ -22,6 +24,9 @@ __all__ = [
     "SinkhornDivergence",
     "SinkhornLayer",
     "Geometry",
+    "quadratic_ot",
+    "SemismoothNewton",
+    "QuadraticOTResult",
     "soft_sort",
     "soft_rank",
 ]

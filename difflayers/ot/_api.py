@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..implicit import Adjoint, Implicit, Unroll, custom_root
 from ..solvers import ConvergenceError, Solution, Status
 from ._geometry import COSTS, Geometry
+from ._inputs import as_batched, prepare_problem
 from ._sinkhorn import Sinkhorn, _update_g
 
 __all__ = ["sinkhorn", "Envelope", "SinkhornResult", "SinkhornDivergence", "SinkhornLayer"]
@@ -81,30 +82,6 @@ class SinkhornResult(Solution):
 
 def _plan_tile(c, f, g, a, b, eps):
     return torch.exp((f[:, :, None] + g[:, None, :] - c) / eps) * a[:, :, None] * b[:, None, :]
-
-
-def _as_batched(t, core: int, name: str):
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"sinkhorn: {name} must be a torch.Tensor, got {type(t).__name__}.")
-    if t.dim() == core:
-        return t.unsqueeze(0)
-    if t.dim() != core + 1:
-        raise ValueError(f"sinkhorn: {name} must have {core} dimensions (or {core + 1} with a batch), got {list(t.shape)}.")
-    return t
-
-
-def _check(name, t, ref):
-    if t.dtype != ref.dtype or t.device != ref.device:
-        raise TypeError(
-            f"sinkhorn: {name} has dtype {t.dtype} on {t.device} but the cost has {ref.dtype} on {ref.device}; "
-            "pass every tensor with one dtype and device."
-        )
-    if not t.is_floating_point():
-        raise TypeError(f"sinkhorn: {name} must be floating point, got {t.dtype}.")
-    if not bool(torch.isfinite(t.detach()).all()):
-        raise ValueError(f"sinkhorn: {name} contains NaN or Inf.")
 
 
 def sinkhorn(
@@ -180,58 +157,9 @@ def sinkhorn(
     for name, rho in (("rho_a", rho_a), ("rho_b", rho_b)):
         if rho is not None and not (isinstance(rho, (int, float)) and rho > 0):
             raise ValueError(f"sinkhorn: {name} must be a number > 0 or None, got {rho!r}.")
-    if (cost is None) == (x is None or y is None):
-        raise ValueError("sinkhorn: pass either cost=[B, n, m] or both point clouds x=[B, n, d] and y=[B, m, d].")
-    batched = (cost.dim() == 3) if cost is not None else (x.dim() == 3 or y.dim() == 3)
-    if cost is not None:
-        cost = _as_batched(cost, 2, "cost")
-        ref = cost
-        _check("cost", cost, ref)
-        geom = Geometry(cost=cost)
-    else:
-        if isinstance(cost_fn, str):
-            if cost_fn not in COSTS:
-                raise ValueError(f"sinkhorn: cost_fn must be one of {sorted(COSTS)} or a callable, got {cost_fn!r}.")
-            fn = COSTS[cost_fn]
-        elif callable(cost_fn):
-            fn = cost_fn
-        else:
-            raise TypeError(f"sinkhorn: cost_fn must be a name or a callable, got {type(cost_fn).__name__}.")
-        x, y = _as_batched(x, 2, "x"), _as_batched(y, 2, "y")
-        if x.shape[0] != y.shape[0] and x.shape[0] == 1:
-            x = x.expand(y.shape[0], -1, -1)  # an unbatched cloud broadcasts
-        elif x.shape[0] != y.shape[0] and y.shape[0] == 1:
-            y = y.expand(x.shape[0], -1, -1)
-        if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-            raise ValueError(f"sinkhorn: x {list(x.shape)} and y {list(y.shape)} must share batch size and dimension d.")
-        ref = x
-        _check("x", x, ref)
-        _check("y", y, ref)
-        geom = Geometry(x=x, y=y, cost_fn=fn, tile=tile)
-    B, n, m = geom.batch, geom.n, geom.m
-    if ref.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"sinkhorn: use float32 or float64 (got {ref.dtype}).")
-    weights = []
-    for name, w, size in (("a", a, n), ("b", b, m)):
-        if w is None:
-            w = torch.full((B, size), 1.0 / size, dtype=ref.dtype, device=ref.device)
-        w = _as_batched(w, 1, name)
-        _check(name, w, ref)
-        if w.shape[-1] != size:
-            raise ValueError(f"sinkhorn: {name} must have {size} entries, got {list(w.shape)}.")
-        if bool((w.detach() < 0).any()):
-            raise ValueError(f"sinkhorn: {name} has negative weights.")
-        weights.append(w.expand(B, size))
-    a, b = weights
-    if rho_a is None and rho_b is None:
-        mass_a, mass_b = a.detach().sum(1), b.detach().sum(1)
-        if bool(((mass_a - mass_b).abs() > 1e-6 * torch.maximum(mass_a, mass_b)).any()):
-            raise ValueError(
-                "sinkhorn: a and b must have the same total mass in the balanced problem; normalize them, "
-                "or pass rho_a/rho_b for unbalanced transport."
-            )
-        if bool((mass_a <= 0).any()):
-            raise ValueError("sinkhorn: a and b must have positive mass.")
+    geom, a, b, batched, ref = prepare_problem(
+        "sinkhorn", cost, x, y, a, b, cost_fn, tile, balanced=rho_a is None and rho_b is None
+    )
     if ref.dtype == torch.float32:
         scale = max(float(c.detach().abs().max()) for _, _, c in geom.tiles())
         if scale / epsilon > 1e4:
@@ -242,7 +170,7 @@ def sinkhorn(
                 stacklevel=2,
             )
     if init is not None:
-        init = tuple(_as_batched(t, 1, "init").detach() for t in init)
+        init = tuple(as_batched(t, 1, "init").detach() for t in init)
 
     track = torch.is_grad_enabled()
     eps = float(epsilon)
@@ -423,7 +351,7 @@ class SinkhornDivergence(torch.nn.Module):
     def _self_transport(self, z, w, batched):
         """``OT_eps(w, w)`` on the cloud ``z`` by the symmetric iteration, with the
         envelope gradient attached (``g = f``)."""
-        z = _as_batched(z, 2, "x")
+        z = as_batched(z, 2, "x")
         fn = COSTS[self.cost_fn] if isinstance(self.cost_fn, str) else self.cost_fn
         geom = Geometry(x=z, y=z, cost_fn=fn)
         solver = Sinkhorn() if self.solver is None else self.solver
