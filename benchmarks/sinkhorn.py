@@ -2,7 +2,7 @@
 
 Problem: ``x``, ``y``: ``n = m`` points uniform in ``[0, 1]^2`` (fixed seed), uniform
 weights, cost ``||x_i - y_j||^2`` (no 1/2), ``eps = 0.05``, a fixed budget of
-log-domain Sinkhorn iterations (100; 20 with ``--quick``, where ``n = m = 200``), then
+Sinkhorn iterations (100; 20 with ``--quick``, where ``n = m = 200``), then
 ``d value / d x``. Value: ``<C, P> + eps KL(P | a b^T)``. The reference is difflayers
 in float64 run to convergence (rtol 1e-11); each row's error is the relative 2-norm
 error of its ``d value / d x`` against it (so it includes the truncation of the
@@ -10,7 +10,9 @@ iteration budget), the note gives the value's relative error.
 
 Methods, all on the same data, float32 by default, one CPU thread:
 
-* difflayers ``dl.ot.sinkhorn(x=..., y=...)``, envelope gradient (default adjoint);
+* difflayers ``dl.ot.sinkhorn(x=..., y=...)``, envelope gradient (default adjoint),
+  with the stabilized-kernel iterations (default) and in the log domain
+  (``Sinkhorn(kernel=False)``);
 * POT 0.9.7 ``ot.solve(ot.dist(x, y), reg=eps, reg_type="KL", method="sinkhorn_log",
   grad="envelope", max_iter=K, tol=0)``, torch backend;
 * GeomLoss 0.3.1 ``SamplesLoss("sinkhorn", p=2, blur=sqrt(eps / 2), debias=False,
@@ -68,12 +70,13 @@ def _torch_step(value_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) 
     return step
 
 
-def _difflayers(iters: int) -> Method:
-    name = "difflayers (envelope)"
+def _difflayers(iters: int, kernel: bool) -> Method:
+    name = "difflayers (stabilized kernel, envelope)" if kernel else "difflayers (log domain, envelope)"
     try:
         import difflayers as dl
 
-        solver = dl.ot.Sinkhorn(rtol=0.0, atol=0.0, max_steps=iters, check_every=iters)
+        # absorption every 10 iterations, as by default
+        solver = dl.ot.Sinkhorn(rtol=0.0, atol=0.0, max_steps=iters, check_every=min(10, iters), kernel=kernel)
 
         def value(x, y):
             # a fixed budget never meets tol 0: throw=False, and the warning about
@@ -177,7 +180,7 @@ def _run_size(n: int, iters: int, device: torch.device, repeats: int, threads: i
         torch.set_num_threads(previous)
     x, y = x64.to(device, dtype), y64.to(device, dtype)
 
-    methods = [_difflayers(iters), _pot(iters), _geomloss(iters, x, y), _ott(iters, dtype)]
+    methods = [_difflayers(iters, True), _difflayers(iters, False), _pot(iters), _geomloss(iters, x, y), _ott(iters, dtype)]
     rows, missing = [], []
     for method in methods:
         if method.step is None:

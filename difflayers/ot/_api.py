@@ -14,7 +14,7 @@ from ..implicit import Adjoint, Implicit, Unroll, custom_root
 from ..solvers import ConvergenceError, Solution, Status
 from ._geometry import COSTS, Geometry
 from ._inputs import as_batched, prepare_problem
-from ._sinkhorn import Sinkhorn, _update_g
+from ._sinkhorn import Sinkhorn, _update_f, _update_g
 
 __all__ = ["sinkhorn", "Envelope", "SinkhornResult", "SinkhornDivergence", "SinkhornLayer"]
 
@@ -271,15 +271,28 @@ def _value(geom, f, g, a, b, eps, rho_a, rho_b):
 
 
 def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
-    """Potentials differentiable by the implicit function theorem on the Sinkhorn map.
+    """Potentials differentiable by the implicit function theorem on the reduced dual.
 
-    The balanced map ``f -> T(f)`` commutes with adding a constant (the gauge of the
-    potentials), so ``I - dT/df`` is singular; the map is composed with the projection
-    ``f -> f - <a, f> / <a, 1>``, whose fixed points are the potentials with
-    ``<a, f> = 0`` and whose Jacobian has no eigenvalue 1.
+    For fixed ``f`` the dual is maximized in ``g`` by one soft-minimum, ``g = G(f)``
+    (the ``g`` update of the iterations). The optimal ``f`` is then a zero of the
+    gradient of the reduced dual ``f -> D(f, G(f))``,
+
+        F(f) = P 1 - a e^(-f / rho_a),      P = P(f, G(f))
+
+    (``e^(-f / rho)`` reads 1 for a hard marginal), whose Jacobian is the Schur
+    complement of the dual Hessian, symmetric positive semi-definite:
+
+        J = diag(P 1) / eps + D_a - (P / eps) diag(P' 1 / eps + D_b)^-1 (P' / eps),
+
+    ``D = diag(w e^(-pot / rho)) / rho`` (zero for a hard marginal). Balanced, ``J 1 =
+    0`` (the gauge); ``F`` gets the term ``a <a, f> / eps``, zero at the returned gauge
+    ``<a, f> = 0``, which makes ``J`` positive definite. Reverse mode solves ``J v =
+    dL/df`` by CG (``n`` unknowns; each product is a vjp through the two soft-minima
+    of one iteration) and ``g = G(f)`` is differentiated by ordinary autograd.
+    Zero-weight points do not enter ``F`` (their ``f_i`` is pinned to 0 there) and get
+    their potentials from one soft-minimum afterwards.
     """
     balanced = rho_a is None and rho_b is None
-
     dense = geom.cost is not None
 
     def geometry(params):
@@ -287,33 +300,32 @@ def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
             return Geometry(cost=params[0])
         return Geometry(x=params[0], y=params[1], cost_fn=geom.cost_fn, tile=geom.tile)
 
-    def gauge(f, a_):
-        if not balanced:
-            return f
-        return f - (a_ * f).nansum(1, keepdim=True) / a_.sum(1, keepdim=True)
-
-    def T(f, *params):
+    def root(f, *params):
         a_, b_ = params[-2], params[-1]
-        f_new, _ = solver.update(geometry(params), torch.log(a_), torch.log(b_), f, eps, rho_a, rho_b)
-        return gauge(f_new, a_)
-
-    def F(f, *params):
-        return torch.nan_to_num(T(f, *params) - f, nan=0.0, posinf=0.0, neginf=0.0)
-
-    outcome = {}
-
-    def solve(f0, *params):
         g_ = geometry(params)
-        f, g, status, steps, err = solver.solve(g_, params[-2], params[-1], eps, rho_a=rho_a, rho_b=rho_b, init=init)
-        outcome.update(status=status, steps=steps, err=err)
-        return gauge(f, params[-2])
+        log_a, log_b = torch.log(a_), torch.log(b_)
+        g = _update_g(g_, log_a, f, eps, rho_b)
+        # (P 1)_i = a_i exp((f_i - fhat_i) / eps), fhat = -eps LSE_j(log b_j + (g_j - C_ij) / eps)
+        rows = a_ * torch.exp(f / eps + g_.lse_rows(log_b + g / eps, eps))
+        grad = rows - (a_ if rho_a is None else a_ * torch.exp(-f / rho_a))
+        if balanced:
+            grad = grad + a_ * (a_ * f).sum(1, keepdim=True) / eps
+        # pinned zero-weight potentials, on the scale of the Hessian's diagonal
+        return torch.where(a_ > 0, grad, a_.sum(1, keepdim=True) / (a_.shape[1] * eps) * f)
 
-    params = (geom.cost,) if dense else (geom.x, geom.y)
-    params = params + (a, b)
-    f = custom_root(F, linear_solver=adjoint.linear_solver)(solve)(torch.zeros_like(a), *params)
-    # g is one soft-minimum away from f: differentiable through ordinary autograd
+    f, g, status, steps, err = solver.solve(geom, a.detach(), b.detach(), eps, rho_a=rho_a, rho_b=rho_b, init=init)
+    with torch.no_grad():
+        if balanced:
+            f = f - (a * f).sum(1, keepdim=True) / a.sum(1, keepdim=True)
+        solution = torch.where(a > 0, f, 0.0)
+    params = ((geom.cost,) if dense else (geom.x, geom.y)) + (a, b)
+    f = custom_root(root, linear_solver=adjoint.linear_solver, symmetric=True)(lambda z0, *p: solution)(
+        solution, *params
+    )
     g = _update_g(geom, torch.log(a), f, eps, rho_b)
-    return f, g, outcome["status"], outcome["steps"], outcome["err"]
+    if bool((a == 0).any()):  # zero-weight points: one soft-minimum from g (ordinary autograd)
+        f = torch.where(a > 0, f, _update_f(geom, torch.log(b), g, eps, rho_a))
+    return f, g, status, steps, err
 
 
 class SinkhornDivergence(torch.nn.Module):

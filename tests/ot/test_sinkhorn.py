@@ -229,3 +229,49 @@ def test_sinkhorn_layer_returns_a_differentiable_plan():
     assert isinstance(dl.SinkhornLayer(epsilon=0.1, return_result=True)(x, y), dl.ot.SinkhornResult)
     with pytest.raises(TypeError, match="Implicit"):
         dl.SinkhornLayer(epsilon=0.1, adjoint=dl.ot.Envelope())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(rho_a=0.5), dict(rho_a=0.3, rho_b=2.0), dict(relaxation=1.5), dict(zero_weights=True)],
+)
+def test_stabilized_kernel_iterations_equal_the_log_domain(options):
+    """Both iterations reach the same fixed point, in about the same number of steps."""
+    options = dict(options)
+    relaxation = options.pop("relaxation", 1.0)
+    x, y, a, b = _clouds(batch=3, n=20, m=25, seed=21)
+    if options.pop("zero_weights", False):
+        a = a.clone()
+        a[:, -4:] = 0.0
+        a = a / a.sum(1, keepdim=True)
+    results = [
+        sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.02, **options,
+                 solver=Sinkhorn(rtol=1e-11, atol=0.0, max_steps=20000, relaxation=relaxation, kernel=kernel))
+        for kernel in (True, False)
+    ]
+    kern, log = results
+    torch.testing.assert_close(kern.value, log.value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kern.plan, log.plan, rtol=1e-8, atol=1e-12)
+    # over-relaxed runs start differently (the kernel path from one plain iteration)
+    assert int((kern.stats["num_steps"] - log.stats["num_steps"]).abs().max()) <= 20
+
+
+@pytest.mark.parametrize("epsilon, check_every, relaxation", [(2e-3, 10, 1.8), (1e-3, 500, 1.0)])
+def test_stabilized_kernel_absorbs_and_falls_back_at_tiny_epsilon(epsilon, check_every, relaxation):
+    """At eps = 1e-3 x cost in float32 (exp(-C/eps) underflows) the kernel iterations
+    absorb their scalings; with long blocks (check_every=500) the scalings overflow
+    and those blocks are recomputed in the log domain. Same result as the log domain."""
+    x, y, a, b = _clouds(batch=2, n=30, m=30, seed=22)
+    x, y, a, b = (t.float() for t in (x, y, a, b))
+    out = []
+    for kernel in (True, False):
+        solver = Sinkhorn(rtol=1e-3, atol=0.0, max_steps=50000, kernel=kernel, relaxation=relaxation,
+                          check_every=check_every)
+        out.append(sinkhorn(x=x, y=y, a=a, b=b, epsilon=epsilon, solver=solver))
+    assert bool(torch.isfinite(out[0].f).all()) and bool((out[0].status == 0).all())
+    torch.testing.assert_close(out[0].value, out[1].value, rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_option_is_validated():
+    with pytest.raises(TypeError, match="kernel"):
+        Sinkhorn(kernel="yes")
