@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -49,17 +50,51 @@ __all__ = ["SemismoothNewton", "QuadraticOTResult", "quadratic_ot"]
 
 
 def _dual(c, f, g, a, b, eps):
-    """``(-D(f, g), a - P 1 -> grad f, grad g, W)`` of the negated (convex) dual."""
-    w = a[:, :, None] * b[:, None, :] / eps
-    s = f[:, :, None] + g[:, None, :] - c
-    sp = s.clamp_min(0.0)
-    p = w * sp
-    objective = 0.5 * (p * sp).sum((1, 2)) - (f * a).sum(1) - (g * b).sum(1)
-    return objective, p.sum(2) - a, p.sum(1) - b, w * (s > 0)
+    """``(-D(f, g), P 1 - a, P' 1 - b, S)`` for the negated (convex) dual, with the
+    slack ``S = (f_i + g_j - C_ij)_+``: ``P = diag(a) S diag(b) / eps``, so the sums over
+    ``P`` are matrix-vector products with ``S``."""
+    slack = (f[:, :, None] + g[:, None, :] - c).clamp_min(0.0)
+    rows = torch.bmm(slack, b[:, :, None])[:, :, 0]
+    cols = torch.bmm(a[:, None, :], slack)[:, 0, :]
+    # sum_ij a_i b_j S_ij^2 / (2 eps) = <f, P 1> + <g, P' 1> - <C, P>, without another pass
+    quadratic = 0.5 * (a * torch.bmm(slack.square(), b[:, :, None])[:, :, 0]).sum(1) / eps
+    objective = quadratic - (f * a).sum(1) - (g * b).sum(1)
+    return objective, a * rows / eps - a, b * cols / eps - b, slack
 
 
 def _split(z, n):
     return z[:, :n], z[:, n:]
+
+
+# Below this fraction of nonzero active weights the Newton systems use sparse products.
+_SPARSE_BELOW = 0.25
+# Default Newton systems are factorized densely while B (n + m)^2 stays below this
+# (measured on CPU: beyond it, batched CG with sparse products is faster).
+_DENSE_UP_TO = 2**17
+
+
+def _csr(mask, w):
+    """The block-diagonal CSR matrix ``[B n, B m]`` of the entries of ``w`` under ``mask``
+    (``nonzero`` lists them in row-major order, so no sort is needed)."""
+    batch, n, m = w.shape
+    b, i, j = mask.nonzero(as_tuple=True)
+    crow = torch.zeros(batch * n + 1, dtype=torch.int64, device=w.device)
+    crow[1:] = torch.cumsum(mask.sum(2).reshape(-1), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, b * m + j, w[b, i, j], (batch * n, batch * m), check_invariants=False)
+
+
+def _products(mask, dtype):
+    """``(v -> M v, u -> M' u)`` for the 0/1 matrix ``M = mask [B, n, m]``: sparse (CSR)
+    when few entries are nonzero, batched dense products otherwise."""
+    batch, n, m = mask.shape
+    w = mask.to(dtype)
+    if float(mask.sum()) > _SPARSE_BELOW * mask.numel():
+        return (lambda v: torch.bmm(w, v[:, :, None])[:, :, 0]), (lambda u: torch.bmm(u[:, None, :], w)[:, 0, :])
+    forward = _csr(mask, w)
+    backward = _csr(mask.transpose(1, 2), w.transpose(1, 2))
+    return (lambda v: (forward @ v.reshape(-1, 1)).view(batch, n)), (lambda u: (backward @ u.reshape(-1, 1)).view(batch, m))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,7 +102,8 @@ class SemismoothNewton(IterativeSolver):
     """Damped semismooth Newton on the dual of quadratically regularized OT, batched.
 
     Each step solves ``(H + delta I) d = -grad`` with Jacobi-preconditioned conjugate
-    gradients (matrix-free: two products with the active weights ``W``), where the
+    gradients (matrix-free: two products with the active weights ``W``, stored as a
+    sparse CSR matrix when fewer than a quarter of them are nonzero), where the
     shift ``delta = tau * max(mean(diag H), |a| |b| / (eps (n + m))) * min(1, r)`` (``r`` the relative marginal
     error) removes the gauge and any empty rows of ``H`` and fades as the iterate
     converges, and takes the step ``alpha d`` with ``alpha`` halved per sample until
@@ -80,8 +116,9 @@ class SemismoothNewton(IterativeSolver):
             in float32).
         max_steps: trials per problem (accepted or halved).
         check_every: trials between two convergence checks.
-        linear_solver: solver of the Newton systems (``None``: ``CG(rtol=1e-4)``, an
-            inexact Newton method).
+        linear_solver: solver of the Newton systems. ``None``: a dense Cholesky
+            factorization of ``H + delta I`` for small batches (``B (n + m)^2 <= 2^17``),
+            else ``CG(rtol=1e-2)`` (an inexact Newton method).
         shift: ``tau`` above.
         armijo: sufficient-decrease constant in ``(0, 1/2)``.
 
@@ -114,9 +151,11 @@ class SemismoothNewton(IterativeSolver):
         ``(f, g, status, num_steps, residual)`` (no graph recorded)."""
         rtol, atol = self.tolerances(c.dtype)
         n = c.shape[1]
-        # inexact Newton: each step cuts the marginal error by about the CG tolerance once
-        # the support is found, so a loose tolerance costs a few more (cheap) steps
-        linear_solver = CG(rtol=1e-4, atol=0.0) if self.linear_solver is None else self.linear_solver
+        # small systems: a dense Cholesky factorization beats the per-iteration cost of CG;
+        # large ones: inexact Newton, where each step cuts the marginal error by about the
+        # CG tolerance once the support is found (a loose tolerance costs a few cheap steps)
+        dense = self.linear_solver is None and c.shape[0] * (n + c.shape[2]) ** 2 <= _DENSE_UP_TO
+        linear_solver = CG(rtol=1e-2, atol=0.0) if self.linear_solver is None else self.linear_solver
         if init is None:
             # g_j = eps + min_i C_ij over the weighted rows: every column starts with an active entry
             rows = torch.where(a[:, :, None] > 0, c, torch.inf)
@@ -137,8 +176,9 @@ class SemismoothNewton(IterativeSolver):
             def step(st):
                 z, grad = st["z"], st["grad"]
                 f, g = _split(z, n)
-                *_, w = _dual(c, f, g, a, b, eps)
-                rows, cols = w.sum(2), w.sum(1)
+                # H = [[diag(W 1), W], [W', diag(W' 1)]],  W = diag(a) M diag(b) / eps
+                m_mv, m_rmv = _products((f[:, :, None] + g[:, None, :] - c) > 0, c.dtype)
+                rows, cols = a * m_mv(b) / eps, b * m_rmv(a) / eps
                 diag = torch.cat([rows, cols], 1)
                 relative = (grad.abs().sum(1) / mass).clamp_max(1.0)
                 # the diagonal of H for a fully active plan sets the scale of the shift
@@ -147,14 +187,23 @@ class SemismoothNewton(IterativeSolver):
 
                 def matvec(v):
                     u, t = _split(v, n)
-                    hu = rows * u + torch.bmm(w, t[:, :, None])[:, :, 0]
-                    ht = cols * t + torch.bmm(u[:, None, :], w)[:, 0, :]
+                    hu = rows * u + a * m_mv(b * t) / eps
+                    ht = cols * t + b * m_rmv(a * u) / eps
                     return torch.cat([hu, ht], 1) + delta * v
 
-                inverse_diag = 1.0 / (diag + delta)
-                operator = MatvecOperator(matvec, symmetric=True, positive_definite=True)
-                preconditioner = MatvecOperator(lambda v: inverse_diag * v, symmetric=True, positive_definite=True)
-                d = linear_solver.solve(operator, -grad, preconditioner=preconditioner).value
+                if dense:
+                    mask = ((f[:, :, None] + g[:, None, :] - c) > 0).to(c.dtype)
+                    w = a[:, :, None] * mask * b[:, None, :] / eps
+                    hessian = torch.cat([torch.cat([torch.diag_embed(rows), w], 2),
+                                         torch.cat([w.transpose(1, 2), torch.diag_embed(cols)], 2)], 1)
+                    hessian = hessian + torch.diag_embed(delta.expand_as(diag))
+                    factor, _ = torch.linalg.cholesky_ex(hessian)
+                    d = torch.cholesky_solve(-grad[:, :, None], factor)[:, :, 0]
+                else:
+                    inverse_diag = 1.0 / (diag + delta)
+                    operator = MatvecOperator(matvec, symmetric=True, positive_definite=True)
+                    preconditioner = MatvecOperator(lambda v: inverse_diag * v, symmetric=True, positive_definite=True)
+                    d = linear_solver.solve(operator, -grad, preconditioner=preconditioner).value
                 alpha = st["alpha"]
                 trial = z + alpha[:, None] * d
                 obj_t, gf_t, gg_t = _dual(c, *_split(trial, n), a, b, eps)[:3]

@@ -192,3 +192,14 @@ def test_bad_solver_options():
         SemismoothNewton(linear_solver="cg")
     with pytest.raises(ValueError, match="NaN"):
         quadratic_ot(cost=torch.full((3, 4), float("nan"), dtype=F64), epsilon=0.1)
+
+
+@pytest.mark.parametrize("epsilon", [1e-3, 0.1])  # sparse (CSR) and dense products in CG
+def test_newton_cg_equals_the_dense_factorization(epsilon):
+    x, y, a, b = _clouds(batch=2, n=40, m=50, seed=12)
+    tight = dict(rtol=1e-12, atol=0.0)
+    cg = quadratic_ot(x=x, y=y, a=a, b=b, epsilon=epsilon,
+                      solver=SemismoothNewton(**tight, linear_solver=dl.solvers.CG(rtol=1e-2, atol=0.0)))
+    dense = quadratic_ot(x=x, y=y, a=a, b=b, epsilon=epsilon, solver=SemismoothNewton(**tight))
+    torch.testing.assert_close(cg.value, dense.value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cg.plan, dense.plan, rtol=0, atol=1e-12)
