@@ -28,6 +28,8 @@ bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.run ridge_hypergradient
 	$(PY) -m benchmarks.run qp_layer
 	$(PY) -m benchmarks.run conic_suites
+	$(PY) -m benchmarks.run sinkhorn
+	$(PY) -m benchmarks.run sparse_ot
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "qp_layer": "benchmarks.qp_layer",
     "conic_suites": "benchmarks.conic_suites",
     "sinkhorn": "benchmarks.sinkhorn",
+    "sparse_ot": "benchmarks.sparse_ot",
 }
 
 

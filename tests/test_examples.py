@@ -107,3 +107,6 @@ def test_conic_and_ot_benchmarks_quick():
     assert len(rows) == 2, table  # stabilized kernel and log domain
     for row in rows:
         assert float(row.split("|")[4]) < 1e-2, table  # float32, 20 iterations, against a converged float64 run
+    sparse = importlib.import_module(BENCHMARKS["sparse_ot"]).run(repeats=1, quick=True)
+    row = next(line for line in sparse.splitlines() if line.startswith("| difflayers quadratic_ot, rtol 1e-09"))
+    assert float(row.split("|")[4]) < 1e-8, sparse  # marginal error
