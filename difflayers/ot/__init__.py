@@ -14,11 +14,13 @@ from ._api import Envelope, SinkhornDivergence, SinkhornLayer, SinkhornResult, s
 from ._geometry import Geometry
 from ._quadratic import QuadraticOTResult, SemismoothNewton, quadratic_ot
 from ._sinkhorn import Sinkhorn
+from ._sinkhorn_newton import SinkhornNewton
 from ._soft_sort import soft_rank, soft_sort
 
 __all__ = [
     "sinkhorn",
     "Sinkhorn",
+    "SinkhornNewton",
     "Envelope",
     "SinkhornResult",
     "SinkhornDivergence",

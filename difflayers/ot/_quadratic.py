@@ -25,24 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Callable
 
 import torch
 
 from ..implicit import Adjoint, Implicit, custom_root
-from ..solvers import (
-    CG,
-    ConvergenceError,
-    IterativeSolver,
-    LinearSolver,
-    MatvecOperator,
-    Solution,
-    Status,
-    batch_dot,
-    iterate,
-)
+from ..solvers import ConvergenceError, IterativeSolver, LinearSolver, Solution, Status
 from ._api import Envelope
+from ._dual_newton import newton_loop
 from ._geometry import Geometry
 from ._inputs import prepare_problem
 
@@ -64,37 +54,6 @@ def _dual(c, f, g, a, b, eps):
 
 def _split(z, n):
     return z[:, :n], z[:, n:]
-
-
-# Below this fraction of nonzero active weights the Newton systems use sparse products.
-_SPARSE_BELOW = 0.25
-# Default Newton systems are factorized densely while B (n + m)^2 stays below this
-# (measured on CPU: beyond it, batched CG with sparse products is faster).
-_DENSE_UP_TO = 2**17
-
-
-def _csr(mask, w):
-    """The block-diagonal CSR matrix ``[B n, B m]`` of the entries of ``w`` under ``mask``
-    (``nonzero`` lists them in row-major order, so no sort is needed)."""
-    batch, n, m = w.shape
-    b, i, j = mask.nonzero(as_tuple=True)
-    crow = torch.zeros(batch * n + 1, dtype=torch.int64, device=w.device)
-    crow[1:] = torch.cumsum(mask.sum(2).reshape(-1), 0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, b * m + j, w[b, i, j], (batch * n, batch * m), check_invariants=False)
-
-
-def _products(mask, dtype):
-    """``(v -> M v, u -> M' u)`` for the 0/1 matrix ``M = mask [B, n, m]``: sparse (CSR)
-    when few entries are nonzero, batched dense products otherwise."""
-    batch, n, m = mask.shape
-    w = mask.to(dtype)
-    if float(mask.sum()) > _SPARSE_BELOW * mask.numel():
-        return (lambda v: torch.bmm(w, v[:, :, None])[:, :, 0]), (lambda u: torch.bmm(u[:, None, :], w)[:, 0, :])
-    forward = _csr(mask, w)
-    backward = _csr(mask.transpose(1, 2), w.transpose(1, 2))
-    return (lambda v: (forward @ v.reshape(-1, 1)).view(batch, n)), (lambda u: (backward @ u.reshape(-1, 1)).view(batch, m))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,11 +110,6 @@ class SemismoothNewton(IterativeSolver):
         ``(f, g, status, num_steps, residual)`` (no graph recorded)."""
         rtol, atol = self.tolerances(c.dtype)
         n = c.shape[1]
-        # small systems: a dense Cholesky factorization beats the per-iteration cost of CG;
-        # large ones: inexact Newton, where each step cuts the marginal error by about the
-        # CG tolerance once the support is found (a loose tolerance costs a few cheap steps)
-        dense = self.linear_solver is None and c.shape[0] * (n + c.shape[2]) ** 2 <= _DENSE_UP_TO
-        linear_solver = CG(rtol=1e-2, atol=0.0) if self.linear_solver is None else self.linear_solver
         if init is None:
             # g_j = eps + min_i C_ij over the weighted rows: every column starts with an active entry
             rows = torch.where(a[:, :, None] > 0, c, torch.inf)
@@ -163,72 +117,30 @@ class SemismoothNewton(IterativeSolver):
             f = torch.zeros_like(a)
         else:
             f, g = init
+
+        def evaluate(z):
+            objective, grad_f, grad_g, _ = _dual(c, *_split(z, n), a, b, eps)
+            return objective, torch.cat([grad_f, grad_g], 1)
+
+        def hessian(z):
+            # W = diag(a) M diag(b) / eps on the support M of the plan; diag(W 1), diag(W' 1)
+            f, g = _split(z, n)
+            mask = (f[:, :, None] + g[:, None, :] - c) > 0
+            w = a[:, :, None] * b[:, None, :] / eps
+            m = mask.to(c.dtype)
+            rows = a * torch.bmm(m, b[:, :, None])[:, :, 0] / eps
+            cols = b * torch.bmm(a[:, None, :], m)[:, 0, :] / eps
+            return rows, cols, mask, w
+
         with torch.no_grad():
-            objective, grad_f, grad_g, _ = _dual(c, f, g, a, b, eps)
-            state = {
-                "z": torch.cat([f, g], 1),
-                "objective": objective,
-                "grad": torch.cat([grad_f, grad_g], 1),
-                "alpha": torch.ones_like(objective),
-            }
-            mass = a.sum(1)
-
-            def step(st):
-                z, grad = st["z"], st["grad"]
-                f, g = _split(z, n)
-                # H = [[diag(W 1), W], [W', diag(W' 1)]],  W = diag(a) M diag(b) / eps
-                m_mv, m_rmv = _products((f[:, :, None] + g[:, None, :] - c) > 0, c.dtype)
-                rows, cols = a * m_mv(b) / eps, b * m_rmv(a) / eps
-                diag = torch.cat([rows, cols], 1)
-                relative = (grad.abs().sum(1) / mass).clamp_max(1.0)
-                # the diagonal of H for a fully active plan sets the scale of the shift
-                full = a.sum(1) * b.sum(1) / (eps * diag.shape[1])
-                delta = (self.shift * torch.maximum(diag.mean(1), full) * relative)[:, None]
-
-                def matvec(v):
-                    u, t = _split(v, n)
-                    hu = rows * u + a * m_mv(b * t) / eps
-                    ht = cols * t + b * m_rmv(a * u) / eps
-                    return torch.cat([hu, ht], 1) + delta * v
-
-                if dense:
-                    mask = ((f[:, :, None] + g[:, None, :] - c) > 0).to(c.dtype)
-                    w = a[:, :, None] * mask * b[:, None, :] / eps
-                    hessian = torch.cat([torch.cat([torch.diag_embed(rows), w], 2),
-                                         torch.cat([w.transpose(1, 2), torch.diag_embed(cols)], 2)], 1)
-                    hessian = hessian + torch.diag_embed(delta.expand_as(diag))
-                    factor, _ = torch.linalg.cholesky_ex(hessian)
-                    d = torch.cholesky_solve(-grad[:, :, None], factor)[:, :, 0]
-                else:
-                    inverse_diag = 1.0 / (diag + delta)
-                    operator = MatvecOperator(matvec, symmetric=True, positive_definite=True)
-                    preconditioner = MatvecOperator(lambda v: inverse_diag * v, symmetric=True, positive_definite=True)
-                    d = linear_solver.solve(operator, -grad, preconditioner=preconditioner).value
-                alpha = st["alpha"]
-                trial = z + alpha[:, None] * d
-                obj_t, gf_t, gg_t = _dual(c, *_split(trial, n), a, b, eps)[:3]
-                slope = batch_dot(grad, d)
-                grad_t = torch.cat([gf_t, gg_t], 1)
-                # Armijo on the dual; near the optimum its decrease drowns in rounding, so a
-                # step that halves the marginal error is accepted as well
-                accept = torch.isfinite(obj_t) & (
-                    (obj_t <= st["objective"] + self.armijo * alpha * slope)
-                    | (grad_t.abs().sum(1) <= 0.5 * grad.abs().sum(1))
-                )
-                acc = accept[:, None]
-                return {
-                    "z": torch.where(acc, trial, z),
-                    "objective": torch.where(accept, obj_t, st["objective"]),
-                    "grad": torch.where(acc, grad_t, grad),
-                    "alpha": torch.where(accept, torch.ones_like(alpha), 0.5 * alpha),
-                }
-
-            def residual(st):
-                return st["grad"].abs().sum(1), mass
-
-            state, status, num_steps, err = iterate(
-                step, residual, state, rtol=rtol, atol=atol, max_steps=self.max_steps, check_every=self.check_every
+            z, status, num_steps, err = newton_loop(
+                evaluate, hessian, torch.cat([f, g], 1), n, a.sum(1),
+                # the diagonal of H for a fully active plan
+                a.sum(1) * b.sum(1) / (eps * (n + c.shape[2])),
+                rtol=rtol, atol=atol, max_steps=self.max_steps, check_every=self.check_every,
+                linear_solver=self.linear_solver, shift=self.shift, armijo=self.armijo,
             )
+            state = {"z": z}
             f, g = _split(state["z"], n)
             # the gauge <a, f> = <b, g>; zero-weight points carry zero potentials
             shift = ((g * b).sum(1) - (f * a).sum(1)) / (a.sum(1) + b.sum(1))
