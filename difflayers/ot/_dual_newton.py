@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..solvers import CG, LinearSolver, MatvecOperator, batch_dot, iterate
+from ._geometry import matvec, rmatvec
 
 __all__ = ["masked_products", "newton_loop"]
 
@@ -47,7 +48,7 @@ def masked_products(mask: torch.Tensor, w: torch.Tensor):
     batch, n, m = w.shape
     if float(mask.sum()) > _SPARSE_BELOW * mask.numel():
         w = torch.where(mask, w, 0.0)
-        return (lambda v: torch.bmm(w, v[:, :, None])[:, :, 0]), (lambda u: torch.bmm(u[:, None, :], w)[:, 0, :])
+        return (lambda v: matvec(w, v)), (lambda u: rmatvec(u, w))
     forward = _csr(mask, w)
     backward = _csr(mask.transpose(1, 2), w.transpose(1, 2))
     return (lambda v: (forward @ v.reshape(-1, 1)).view(batch, n)), (lambda u: (backward @ u.reshape(-1, 1)).view(batch, m))

@@ -14,7 +14,18 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Geometry", "COSTS"]
+__all__ = ["Geometry", "COSTS", "matvec", "rmatvec"]
+
+
+def matvec(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``K v`` for ``K [B, n, m]``, ``v [B, m]``, as ``v' K'``: the row-vector form maps to
+    a fast BLAS kernel where ``bmm(K, v[..., None])`` is several times slower on CPU."""
+    return torch.bmm(v[:, None, :], k.transpose(1, 2))[:, 0]
+
+
+def rmatvec(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``K' u`` for ``K [B, n, m]``, ``u [B, n]``."""
+    return torch.bmm(u[:, None, :], k)[:, 0]
 
 
 def _sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..implicit import Adjoint, Implicit, custom_root
 from ..solvers import ConvergenceError, IterativeSolver, LinearSolver, Solution, Status
 from ._api import Envelope
 from ._dual_newton import newton_loop
-from ._geometry import Geometry
+from ._geometry import Geometry, matvec, rmatvec
 from ._inputs import prepare_problem
 
 __all__ = ["SemismoothNewton", "QuadraticOTResult", "quadratic_ot"]
@@ -44,10 +44,10 @@ def _dual(c, f, g, a, b, eps):
     slack ``S = (f_i + g_j - C_ij)_+``: ``P = diag(a) S diag(b) / eps``, so the sums over
     ``P`` are matrix-vector products with ``S``."""
     slack = (f[:, :, None] + g[:, None, :] - c).clamp_min(0.0)
-    rows = torch.bmm(slack, b[:, :, None])[:, :, 0]
-    cols = torch.bmm(a[:, None, :], slack)[:, 0, :]
+    rows = matvec(slack, b)
+    cols = rmatvec(a, slack)
     # sum_ij a_i b_j S_ij^2 / (2 eps) = <f, P 1> + <g, P' 1> - <C, P>, without another pass
-    quadratic = 0.5 * (a * torch.bmm(slack.square(), b[:, :, None])[:, :, 0]).sum(1) / eps
+    quadratic = 0.5 * (a * matvec(slack.square(), b)).sum(1) / eps
     objective = quadratic - (f * a).sum(1) - (g * b).sum(1)
     return objective, a * rows / eps - a, b * cols / eps - b, slack
 
@@ -128,8 +128,8 @@ class SemismoothNewton(IterativeSolver):
             mask = (f[:, :, None] + g[:, None, :] - c) > 0
             w = a[:, :, None] * b[:, None, :] / eps
             m = mask.to(c.dtype)
-            rows = a * torch.bmm(m, b[:, :, None])[:, :, 0] / eps
-            cols = b * torch.bmm(a[:, None, :], m)[:, 0, :] / eps
+            rows = a * matvec(m, b) / eps
+            cols = b * rmatvec(a, m) / eps
             return rows, cols, mask, w
 
         with torch.no_grad():

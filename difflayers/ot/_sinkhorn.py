@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..solvers import IterativeSolver, Status, iterate
-from ._geometry import Geometry
+from ._geometry import Geometry, matvec, rmatvec
 
 __all__ = ["Sinkhorn"]
 
@@ -205,7 +205,7 @@ class Sinkhorn(IterativeSolver):
             top = log_scaling.amax(1, keepdim=True)
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
             vec = weights * torch.exp(log_scaling - top)
-            out = torch.bmm(vec[:, None, :], kernel)[:, 0] if transpose else torch.bmm(kernel, vec[:, :, None])[:, :, 0]
+            out = rmatvec(vec, kernel) if transpose else matvec(kernel, vec)
             return torch.log(out) + top
 
         def absorb(f, g):
