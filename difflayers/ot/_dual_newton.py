@@ -103,7 +103,17 @@ def newton_loop(
             w = torch.where(mask, w, 0.0)
             h = torch.cat([torch.cat([torch.diag_embed(rows), w], 2),
                            torch.cat([w.transpose(1, 2), torch.diag_embed(cols)], 2)], 1)
-            factor, _ = torch.linalg.cholesky_ex(h + torch.diag_embed(delta.expand_as(diag)))
+            eye = torch.eye(size, dtype=h.dtype, device=h.device)
+            factor, info = torch.linalg.cholesky_ex(h + delta[:, :, None] * eye)
+            # rounding can leave the gauge direction barely indefinite: a larger shift there
+            for _ in range(3):
+                failed = info != 0
+                if not bool(failed.any()):
+                    break
+                delta = torch.where(failed[:, None], 1e3 * delta + 1e-8 * diag.amax(1, keepdim=True), delta)
+                retry, info_retry = torch.linalg.cholesky_ex(h + delta[:, :, None] * eye)
+                factor = torch.where(failed[:, None, None], retry, factor)
+                info = torch.where(failed, info_retry, info)
             d = torch.cholesky_solve(-grad[:, :, None], factor)[:, :, 0]
         else:
             w_mv, w_rmv = masked_products(mask, w)
