@@ -15,6 +15,8 @@ BENCHMARKS = {
     "conic_suites": "benchmarks.conic_suites",
     "sinkhorn": "benchmarks.sinkhorn",
     "sparse_ot": "benchmarks.sparse_ot",
+    "bilevel_estimators": "benchmarks.bilevel_estimators",
+    "bilevel_memory": "benchmarks.bilevel_memory",
 }
 
 

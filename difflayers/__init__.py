@@ -17,7 +17,7 @@ Every solve is batched over the leading dimension and differentiable with respec
 to the explicit ``*params`` through the strategy passed as ``adjoint=``.
 """
 
-from . import conic, implicit, ot, solvers
+from . import bilevel, conic, implicit, ot, solvers
 from .conic import ConicLayer, QPLayer
 from .ot import SinkhornLayer
 from .implicit import (
@@ -41,6 +41,7 @@ __all__ = [
     "implicit",
     "conic",
     "ot",
+    "bilevel",
     "QPLayer",
     "ConicLayer",
     "SinkhornLayer",

@@ -289,8 +289,9 @@ def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
     ``<a, f> = 0``, which makes ``J`` positive definite. Reverse mode solves ``J v =
     dL/df`` by CG (``n`` unknowns; each product is a vjp through the two soft-minima
     of one iteration) and ``g = G(f)`` is differentiated by ordinary autograd.
-    Zero-weight points do not enter ``F`` (their ``f_i`` is pinned to 0 there) and get
-    their potentials from one soft-minimum afterwards.
+    ``F`` is scaled by ``eps n / sum(a)`` per problem (potential units; a scalar keeps
+    ``J`` symmetric). Zero-weight points do not enter ``F`` (their ``f_i`` is pinned to
+    0 there) and get their potentials from one soft-minimum afterwards.
     """
     balanced = rho_a is None and rho_b is None
     dense = geom.cost is not None
@@ -310,8 +311,10 @@ def _implicit(solver, geom, a, b, eps, rho_a, rho_b, init, adjoint):
         grad = rows - (a_ if rho_a is None else a_ * torch.exp(-f / rho_a))
         if balanced:
             grad = grad + a_ * (a_ * f).sum(1, keepdim=True) / eps
-        # pinned zero-weight potentials, on the scale of the Hessian's diagonal
-        return torch.where(a_ > 0, grad, a_.sum(1, keepdim=True) / (a_.shape[1] * eps) * f)
+        # in units of the potentials (eps n / |a| per problem keeps J symmetric), so that
+        # the root check and the linear solver's tolerance read as for a fixed-point map;
+        # zero-weight potentials pinned at 0
+        return torch.where(a_ > 0, eps * a_.shape[1] / a_.sum(1, keepdim=True) * grad, f)
 
     f, g, status, steps, err = solver.solve(geom, a.detach(), b.detach(), eps, rho_a=rho_a, rho_b=rho_b, init=init)
     with torch.no_grad():

@@ -282,9 +282,9 @@ def _implicit(geom: Geometry, f, g, a, b, eps, adjoint: Implicit):
 
         F(f, g) = (P 1 - a + a k / eps,  P' 1 - b - b k / eps),    k = <a, f> - <b, g>,
 
-    on points of positive weight (``F = f`` or ``g`` on zero-weight points, whose
-    potentials are pinned to 0). ``k = 0`` at the returned gauge, so ``F = 0`` there;
-    its Jacobian ``H + w w' / eps`` with ``w = (a, -b)`` adds to the Hessian ``H`` a
+    on points of positive weight, times ``eps (n + m) / (|a| + |b|)`` (potential units)
+    (``F = f`` or ``g`` on zero-weight points, whose potentials are pinned to 0).
+    ``k = 0`` at the returned gauge, so ``F = 0`` there; its Jacobian ``H + w w' / eps`` with ``w = (a, -b)`` adds to the Hessian ``H`` a
     rank-one term that is positive along the gauge direction ``(1, -1)``. Reverse mode
     solves ``(H + w w' / eps) v = dL/d(f, g)`` by CG.
     """
@@ -297,8 +297,10 @@ def _implicit(geom: Geometry, f, g, a, b, eps, adjoint: Implicit):
         f_, g_ = _split(z, n)
         _, grad_f, grad_g, _ = _dual(c, f_, g_, a_, b_, eps)
         k = ((a_ * f_).sum(1) - (b_ * g_).sum(1))[:, None] / eps
-        rows = torch.where(a_ > 0, grad_f + a_ * k, f_)
-        cols = torch.where(b_ > 0, grad_g - b_ * k, g_)
+        # in units of the potentials: a scalar per problem keeps the Jacobian symmetric
+        scale = eps * z.shape[1] / (a_.sum(1, keepdim=True) + b_.sum(1, keepdim=True))
+        rows = torch.where(a_ > 0, scale * (grad_f + a_ * k), f_)
+        cols = torch.where(b_ > 0, scale * (grad_g - b_ * k), g_)
         return torch.cat([rows, cols], 1)
 
     solution = torch.cat([f, g], 1)

@@ -7,6 +7,8 @@
   :func:`random_socp`, :func:`degenerate_lp`, :func:`primal_infeasible_lp`,
   :func:`dual_infeasible_lp`, :func:`random_qp`) and a Clarabel :func:`reference_solve`.
 * :func:`qp_kkt_gradients` -- exact dense gradients through a QP solution (active-set KKT).
+* :func:`check_hypergrad` -- every applicable bilevel hypergradient estimator against
+  central finite differences, as a table.
 
 All of them work in float64. Nothing in the library imports this package; tests and benchmarks do.
 
@@ -45,6 +47,7 @@ from difflayers.testing._conic_problems import (
 )
 from difflayers.testing._kkt_oracle import QPGradients, qp_kkt_gradients
 from difflayers.testing._taylor import TaylorResult, taylor_test
+from difflayers.testing._hypergrad import HypergradCheck, HypergradRow, check_hypergrad
 
 __all__ = [
     "check_grad",
@@ -69,4 +72,7 @@ __all__ = [
     "reference_solve",
     "QPGradients",
     "qp_kkt_gradients",
+    "check_hypergrad",
+    "HypergradCheck",
+    "HypergradRow",
 ]
