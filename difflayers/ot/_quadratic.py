@@ -284,8 +284,9 @@ def _implicit(geom: Geometry, f, g, a, b, eps, adjoint: Implicit):
 
     on points of positive weight, times ``eps (n + m) / (|a| + |b|)`` (potential units)
     (``F = f`` or ``g`` on zero-weight points, whose potentials are pinned to 0).
-    ``k = 0`` at the returned gauge, so ``F = 0`` there; its Jacobian ``H + w w' / eps`` with ``w = (a, -b)`` adds to the Hessian ``H`` a
-    rank-one term that is positive along the gauge direction ``(1, -1)``. Reverse mode
+    ``k = 0`` at the returned gauge, so ``F = 0`` there; its Jacobian ``H + w w' / eps``
+    with ``w = (a, -b)`` adds to the Hessian ``H`` a rank-one term that is positive along
+    the gauge direction ``(1, -1)``. Reverse mode
     solves ``(H + w w' / eps) v = dL/d(f, g)`` by CG.
     """
     n = a.shape[1]
