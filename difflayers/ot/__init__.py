@@ -11,7 +11,7 @@ through a plan to sorted anchors. ``quadratic_ot`` solves quadratically regulari
 """
 
 from ._api import Envelope, SinkhornDivergence, SinkhornLayer, SinkhornResult, sinkhorn
-from ._geometry import Geometry
+from ._geometry import Geometry, pnorm_cost
 from ._quadratic import QuadraticOTResult, SemismoothNewton, quadratic_ot
 from ._sinkhorn import Sinkhorn
 from ._sinkhorn_newton import SinkhornNewton
@@ -26,6 +26,7 @@ __all__ = [
     "SinkhornDivergence",
     "SinkhornLayer",
     "Geometry",
+    "pnorm_cost",
     "quadratic_ot",
     "SemismoothNewton",
     "QuadraticOTResult",

@@ -119,7 +119,8 @@ def sinkhorn(
         a, b: nonnegative weights ``[B, n]``, ``[B, m]`` (``None``: uniform). Zero
             weights are allowed (padding); balanced problems need equal masses.
         epsilon: the entropic regularization, ``> 0`` (in the units of the cost).
-        cost_fn: ``"sqeuclidean"`` (``||x - y||^2``), ``"euclidean"``, or a callable
+        cost_fn: ``"sqeuclidean"`` (``||x - y||^2``), ``"euclidean"``,
+            ``dl.ot.pnorm_cost(p, power)`` (``||x - y||_p^power``), or any callable
             ``(x [B, t, d], y [B, m, d]) -> [B, t, m]``.
         rho_a, rho_b: KL weights of relaxed marginals (``None``: exact marginal).
         solver: a ``Sinkhorn`` (tolerances, ``max_steps``, ``check_every``,

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Geometry", "COSTS", "matvec", "rmatvec"]
+__all__ = ["Geometry", "COSTS", "pnorm_cost", "matvec", "rmatvec"]
 
 
 def matvec(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,31 @@ def _sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, y)
+
+
+def pnorm_cost(p: float, power: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The cost ``c(x, y) = ||x - y||_p ** power`` as a ``cost_fn`` for point clouds.
+
+    Args:
+        p: the norm, ``p >= 1`` (``float("inf")`` for the maximum norm).
+        power: exponent applied to the distance, ``> 0``.
+
+    Example:
+        >>> import torch, difflayers as dl
+        >>> x, y = torch.rand(20, 2, dtype=torch.float64), torch.rand(25, 2, dtype=torch.float64)
+        >>> res = dl.ot.sinkhorn(x=x, y=y, epsilon=0.05, cost_fn=dl.ot.pnorm_cost(1.0))   # cityblock
+    """
+    if not (isinstance(p, (int, float)) and p >= 1):
+        raise ValueError(f"pnorm_cost: p must be a number >= 1 (or inf), got {p!r}.")
+    if not (isinstance(power, (int, float)) and 0 < power < float("inf")):
+        raise ValueError(f"pnorm_cost: power must be a finite number > 0, got {power!r}.")
+
+    def cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = torch.cdist(x, y, p=float(p))
+        return d if power == 1.0 else d**power
+
+    cost.__name__ = f"pnorm_cost(p={p}, power={power})"
+    return cost
 
 
 COSTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

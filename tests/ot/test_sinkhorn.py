@@ -275,3 +275,23 @@ def test_stabilized_kernel_absorbs_and_falls_back_at_tiny_epsilon(epsilon, check
 def test_kernel_option_is_validated():
     with pytest.raises(TypeError, match="kernel"):
         Sinkhorn(kernel="yes")
+
+
+def test_pnorm_costs():
+    x, y, a, b = _clouds(seed=30)
+    for p, power in ((1.0, 1.0), (3.0, 2.0), (float("inf"), 1.0)):
+        fn = dl.ot.pnorm_cost(p, power)
+        expected = (x[:, :, None, :] - y[:, None, :, :]).abs()
+        dist = expected.amax(-1) if p == float("inf") else expected.pow(p).sum(-1).pow(1 / p)
+        torch.testing.assert_close(fn(x, y), dist**power)
+        res = sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.1, cost_fn=fn, solver=TIGHT)
+        ref = sinkhorn(cost=dist**power, a=a, b=b, epsilon=0.1, solver=TIGHT)
+        torch.testing.assert_close(res.value, ref.value)
+    # a smooth cost (p = 3, squared): envelope gradient against finite differences
+    fn = dl.ot.pnorm_cost(3.0, 2.0)
+    check_grad(lambda x: sinkhorn(x=x, y=y, a=a, b=b, epsilon=0.1, cost_fn=fn, solver=TIGHT).value, (x,),
+               rtol=1e-6, atol=1e-9, raise_exception=True)
+    with pytest.raises(ValueError, match="p must be"):
+        dl.ot.pnorm_cost(0.5)
+    with pytest.raises(ValueError, match="power"):
+        dl.ot.pnorm_cost(2.0, power=0.0)
