@@ -66,6 +66,8 @@ def prepare_problem(name, cost, x, y, a, b, cost_fn, tile, *, balanced: bool):
         _check("y", y, ref, name)
         geom = Geometry(x=x, y=y, cost_fn=fn, tile=tile)
     B, n, m = geom.batch, geom.n, geom.m
+    if n == 0 or m == 0:
+        raise ValueError(f"{name}: each measure needs at least one point; got n = {n}, m = {m}.")
     if ref.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name}: use float32 or float64 (got {ref.dtype}).")
     weights = []

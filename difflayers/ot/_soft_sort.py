@@ -21,6 +21,10 @@ def _plan_to_anchors(x: torch.Tensor, epsilon: float, m: int | None, solver, adj
     xb = x if batched else x[None]
     n = xb.shape[1]
     m = n if m is None else m
+    if n < 2 or (not isinstance(m, int) or m < 2):
+        raise ValueError(f"soft_sort/soft_rank: need at least two values and two anchors; got n = {n}, m = {m!r}.")
+    if xb.shape[0] == 0:  # an empty batch: an empty plan
+        return xb, xb.new_zeros(0, n, m), batched, n, m
     # standardize, then squash into (0, 1): the anchors' scale is independent of x's
     z = (xb - xb.mean(1, keepdim=True)) / xb.std(1, keepdim=True).clamp_min(torch.finfo(x.dtype).eps)
     u = torch.sigmoid(z)
