@@ -102,13 +102,15 @@ class _ImplicitSolve(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * len(params)
         if not wanted:
             return (None, None, *grads)
-        with torch.enable_grad():
-            J = JacobianOperator(lambda z_: spec.root(z_, *params), z, symmetric=spec.symmetric)
-            sol = spec.solver().solve(J.T, grad_z.contiguous())
-            _warn_if_failed(sol, f"{spec.name} backward")
-            pullback = vjp(_root_of_params(spec, z, params, wanted), *[params[i] for i in wanted])[1]
-            for i, g in zip(wanted, pullback(-sol.value)):
-                grads[i] = g
+        # torch.func transforms differentiate under the surrounding no_grad, which keeps
+        # the Krylov iterations and the returned gradients out of any autograd graph
+        # (recording them would hold every iteration in memory for nothing).
+        J = JacobianOperator(lambda z_: spec.root(z_, *params), z, symmetric=spec.symmetric)
+        sol = spec.solver().solve(J.T, grad_z.contiguous())
+        _warn_if_failed(sol, f"{spec.name} backward")
+        pullback = vjp(_root_of_params(spec, z, params, wanted), *[params[i] for i in wanted])[1]
+        for i, g in zip(wanted, pullback(-sol.value)):
+            grads[i] = g
         return (None, None, *grads)
 
     # Forward mode: J dz* = -(dF/dtheta) dtheta, one Jacobian product and one batched
