@@ -15,6 +15,7 @@ BENCHMARKS = {
     "conic_suites": "benchmarks.conic_suites",
     "sinkhorn": "benchmarks.sinkhorn",
     "sparse_ot": "benchmarks.sparse_ot",
+    "pde_layer": "benchmarks.pde_layer",
     "bilevel_estimators": "benchmarks.bilevel_estimators",
     "bilevel_memory": "benchmarks.bilevel_memory",
 }

@@ -17,7 +17,7 @@ Every solve is batched over the leading dimension and differentiable with respec
 to the explicit ``*params`` through the strategy passed as ``adjoint=``.
 """
 
-from . import bilevel, conic, implicit, ot, solvers
+from . import bilevel, conic, implicit, ot, pde, solvers
 from .conic import ConicLayer, QPLayer
 from .ot import SinkhornLayer
 from .implicit import (
@@ -42,6 +42,7 @@ __all__ = [
     "conic",
     "ot",
     "bilevel",
+    "pde",
     "QPLayer",
     "ConicLayer",
     "SinkhornLayer",

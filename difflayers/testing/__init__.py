@@ -3,6 +3,7 @@
 * :func:`check_grad` -- reverse mode against directional central finite differences.
 * :func:`dot_product_test` -- forward mode against reverse mode, ``<u, J v> == <J^T u, v>``.
 * :func:`taylor_test` -- Taylor remainder convergence rates of the gradient of a functional.
+* :func:`adjoint_consistency` -- ``<J v, w> = <v, J^T w>`` for the Jacobian of a PDE residual.
 * Cone programs with known outcomes (:func:`random_lp`, :func:`random_conic_qp`,
   :func:`random_socp`, :func:`degenerate_lp`, :func:`primal_infeasible_lp`,
   :func:`dual_infeasible_lp`, :func:`random_qp`) and a Clarabel :func:`reference_solve`.
@@ -48,6 +49,7 @@ from difflayers.testing._conic_problems import (
 from difflayers.testing._kkt_oracle import QPGradients, qp_kkt_gradients
 from difflayers.testing._taylor import TaylorResult, taylor_test
 from difflayers.testing._hypergrad import HypergradCheck, HypergradRow, check_hypergrad
+from difflayers.testing._pde_checks import AdjointConsistencyResult, adjoint_consistency
 
 __all__ = [
     "check_grad",
@@ -75,4 +77,6 @@ __all__ = [
     "check_hypergrad",
     "HypergradCheck",
     "HypergradRow",
+    "adjoint_consistency",
+    "AdjointConsistencyResult",
 ]
