@@ -196,9 +196,14 @@ class Sinkhorn(IterativeSolver):
         unbalanced = rho_a is not None or rho_b is not None
         omega = self.relaxation
         c = geom.dense()
-        f = torch.zeros_like(a) if init is None else init[0].to(a)
-        # one log-domain iteration: potentials from which the kernel is well scaled
-        f, g = self.update(geom, log_a, log_b, f, eps, rho_a, rho_b)
+        if init is None:
+            # the c-transforms of 0: each row and column of the first kernel has an entry 1
+            big = torch.finfo(c.dtype).max
+            g = torch.where(b > 0, torch.where(a[:, :, None] > 0, c, big).amin(1), 0.0)
+            f = torch.where(a > 0, torch.where(b[:, None, :] > 0, c - g[:, None, :], big).amin(2), 0.0)
+        else:
+            # one log-domain iteration: potentials from which the kernel is well scaled
+            f, g = self.update(geom, log_a, log_b, init[0].to(a), eps, rho_a, rho_b)
 
         def log_product(kernel, log_scaling, weights, transpose):
             """``log(K' (w e^s))`` (``transpose``) or ``log(K (w e^s))``, shifted by max(s)."""
@@ -272,8 +277,13 @@ class Sinkhorn(IterativeSolver):
             active = active & ~converged & ~nonfinite
             if st is None or float(torch.maximum(st["lu"].abs().amax(), st["lv"].abs().amax())) > bound:
                 st = absorb(f, g)
-        f, g = self.update(geom, log_a, log_b, f, eps, rho_a, rho_b)
-        return f, g, status, num_steps, err
+        # the returned pair is one plain iteration from f (g, then f), as in the log domain
+        lv = -lam_b * log_product(st["k"], st["lu"], a, True) + (lam_b - 1.0) * st["g"] / eps
+        lu = -lam_a * log_product(st["k"], lv, b, False) + (lam_a - 1.0) * st["f"] / eps
+        f_end, g_end = st["f"] + eps * lu, st["g"] + eps * lv
+        if not (bool(torch.isfinite(f_end).all()) and bool(torch.isfinite(g_end).all())):
+            f_end, g_end = self.update(geom, log_a, log_b, f, eps, rho_a, rho_b)
+        return f_end, g_end, status, num_steps, err
 
     def solve_symmetric(self, geom: Geometry, a, eps: float):
         """Self-transport ``OT_eps(a, a)`` with a symmetric cost: one potential ``f``
