@@ -1,14 +1,18 @@
 """difflayers quickstart: batched solves with checked gradients, end to end on CPU.
 
-Run ``python examples/quickstart.py`` (``--quick`` for a smaller version;
-``examples/conic_layers.py`` tours the QP/LP/cvxpy layers further). Each
-section solves a batch of problems, differentiates the solution and compares the
-gradient with an independent reference (closed form or finite differences).
+Run ``python examples/quickstart.py`` (``--quick`` for a smaller version without the
+workflow examples; ``examples/conic_layers.py`` tours the QP/LP/cvxpy layers further).
+Each section solves a batch of problems of one layer family, differentiates the
+solution and compares the gradient with an independent reference (closed form or
+finite differences); then the quick version of one example per workflow runs and
+writes its plot under ``build/demo/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import runpy
 import time
 
 import torch
@@ -18,6 +22,7 @@ from difflayers.solvers import CG, GMRES, Anderson, DenseOperator, LevenbergMarq
 from difflayers.testing import check_grad
 
 D = torch.float64
+EXAMPLES = pathlib.Path(__file__).resolve().parent
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -243,7 +248,26 @@ def pde_layer(B: int, n: int) -> dict:
     }
 
 
-def main(quick: bool = False) -> list[dict]:
+WORKFLOWS = [
+    ("solver layers in networks: deep-equilibrium layer on digits", "deq_digits.py"),
+    ("bilevel hyperparameter learning: hyper-cleaning of corrupted digit labels", "hyper_cleaning.py"),
+    ("predict-then-optimize: shortest paths, two-stage vs SPO+ vs smoothed LP", "shortest_path.py"),
+]
+
+
+def workflow_examples(out_dir: pathlib.Path) -> list[str]:
+    """The quick version of one example per workflow; returns the plots written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for title, script in WORKFLOWS:
+        print(f"\n=== {title} (examples/{script} --quick) ===")
+        plot = out_dir / script.replace(".py", ".png")
+        runpy.run_path(str(EXAMPLES / script))["main"](quick=True, plot=str(plot))
+        plots.append(str(plot))
+    return plots
+
+
+def main(quick: bool = False, examples: bool | None = None) -> list[dict]:
     torch.manual_seed(0)
     sizes = dict(B=4, n=32, d=20, N=200, outer=5) if quick else dict(B=32, n=128, d=100, N=1000, outer=30)
     sections = [
@@ -271,6 +295,9 @@ def main(quick: bool = False) -> list[dict]:
                  f"{row['seconds']:.2f} s"]
         print(", ".join(parts))
     print("\nGradient references: closed forms, central finite differences (difflayers.testing.check_grad) and unrolling.")
+    if examples if examples is not None else not quick:
+        plots = workflow_examples(pathlib.Path("build") / "demo")
+        print("\nplots written to:\n  " + "\n  ".join(plots))
     return rows
 
 
