@@ -23,6 +23,10 @@ ASSETS = ROOT / "docs" / "assets"
 FIGURES = {
     "hyperparameters_diabetes_cancer": {"progress": False},
     "hyper_cleaning": {"progress": False},
+    "optnet_digits": {},
+    "deq_digits": {},
+    "shortest_path": {},
+    "portfolio": {},
 }
 
 
