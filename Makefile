@@ -18,7 +18,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -c $(CONSTRAINTS) -e '.[test,bench]'
 	touch $@
 
-demo: $(VENV)/.installed
+$(VENV)/.installed-examples: $(VENV)/.installed
+	$(PIP) install -c $(CONSTRAINTS) -e '.[examples]'
+	touch $@
+
+demo: $(VENV)/.installed-examples
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-test
