@@ -18,6 +18,8 @@ BENCHMARKS = {
     "pde_layer": "benchmarks.pde_layer",
     "bilevel_estimators": "benchmarks.bilevel_estimators",
     "bilevel_memory": "benchmarks.bilevel_memory",
+    "precision": "benchmarks.precision",
+    "compile": "benchmarks.compile",
 }
 
 

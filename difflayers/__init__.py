@@ -12,6 +12,7 @@ Entry points::
     x = dl.QPLayer()(P, q, G, h, A, b)          # batched QP, None for absent parts
     xs = dl.ConicLayer(problem, parameters, variables)(*tensors)   # cvxpy front end
     r = dl.ot.sinkhorn(x=x, y=y, epsilon=0.05)  # entropic OT; dl.SinkhornLayer for the plan
+    xs = dl.shard_batch(layer, q)               # the batch split across torch.distributed ranks
 
 Every solve is batched over the leading dimension and differentiable with respect
 to the explicit ``*params`` through the strategy passed as ``adjoint=``.
@@ -31,6 +32,7 @@ from .implicit import (
     fixed_point,
     least_squares,
     root_find,
+    shard_batch,
 )
 from .solvers import ConvergenceError, Solution, Status, linear_solve
 
@@ -51,6 +53,7 @@ __all__ = [
     "argmin",
     "least_squares",
     "custom_root",
+    "shard_batch",
     "linear_solve",
     "Implicit",
     "Unroll",

@@ -27,6 +27,7 @@ FIGURES = {
     "deq_digits": {},
     "shortest_path": {},
     "portfolio": {},
+    "bilevel_distributed": {},
 }
 
 

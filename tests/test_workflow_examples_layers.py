@@ -47,8 +47,8 @@ def test_deq_digits_quick(tmp_path):
         assert max(saved) <= 1.01 * min(saved)
     for i, u in zip(implicit, unroll):
         assert i["saved MiB"] < 0.5 * u["saved MiB"]
-    if not math.isnan(implicit[-1]["peak RSS MiB"]):
-        assert implicit[-1]["peak RSS MiB"] < unroll[-1]["peak RSS MiB"]
+    # (peak RSS is printed for information: in a long test process the high-water mark
+    # is often set by earlier tests, so the exact saved bytes above are what is asserted)
     # at a tight forward tolerance implicit and unrolled gradients agree
     assert implicit[-1]["grad rel. difference"] < 1e-5
 

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..solvers import ConvergenceError, Solution
+from ..solvers._precision import to_compute, to_output, without_autocast
 from ._estimators import Estimator, ImplicitCG, ImplicitGMRES, _Unrolled
 from ._implicit import implicit_estimate
 from ._info import HypergradientInfo, WarmStart
@@ -96,10 +97,11 @@ def _enforce(results: dict, estimator: Estimator, policy: str, problem: BilevelP
         f"{' ...' if len(bad) > 8 else ''} (max residual {float(sol.stats['residual'].max()):.3e}); the "
         f"hypergradient is inaccurate there. {fix}",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # past hypergradient and without_autocast's frame
     )
 
 
+@without_autocast
 def hypergradient(
     outer: Callable,
     inner: Callable | Objective | FixedPoint | Root,
@@ -152,7 +154,15 @@ def hypergradient(
     Returns:
         ``(grad, info)``: ``grad`` shaped like ``lam`` (detached) and a
         ``HypergradientInfo`` with the outer value, the inner solution, residuals,
-        iterations, statuses and the ``WarmStart`` for the next call.
+        iterations, statuses and the ``WarmStart`` for the next call. With
+        ``batched=True`` and an empty batch (``B = 0``) both are empty.
+
+    Precision: ``grad``, ``info.value`` and ``info.w`` have the dtype of ``w0`` and
+    ``lam`` (one floating dtype for all their tensors). float64 and float32 are solved
+    as given; float16 and bfloat16 trees are cast to float32, ``inner`` and ``outer``
+    are evaluated on float32 tensors (cast captured 16-bit data with ``.float()`` for
+    matrix products) and the results are cast back. ``info.state`` keeps float32, so
+    warm starts lose nothing.
 
     Raises:
         TypeError, ValueError: malformed inputs (not a scalar inner objective, a
@@ -180,7 +190,8 @@ def hypergradient(
     if estimator is None:
         estimator = ImplicitCG() if problem.inner.symmetric else ImplicitGMRES()
     _check_estimator(estimator)
-    lam = problem.lam_layout.from_leaves(t.detach() for t in leaves(lam))
+    # 16-bit trees are solved in float32 (problem.dtype) and the results cast back
+    lam = problem.lam_layout.from_leaves(to_compute(t.detach()) for t in leaves(lam))
     x0, adjoint0 = _start(problem, w0, state)
     problem.check(problem.w_layout.unflatten(x0), lam)
 
@@ -194,10 +205,11 @@ def hypergradient(
     x = results["x"]
     w = problem.w_layout.unflatten(x)
     values = results["values"]
+    out = problem.input_dtype
     info = HypergradientInfo(
         estimator=estimator,
-        value=values if problem.batched else values.reshape(()),
-        w=w,
+        value=to_output(values if problem.batched else values.reshape(()), out),
+        w=problem.w_layout.unflatten(to_output(x, out)),
         inner_residual=results["inner_residual"],
         inner_steps=results["inner_steps"],
         inner_status=results["inner_status"],
@@ -208,4 +220,7 @@ def hypergradient(
         checked=bool(results["statuses"]),
         extra=results.get("extra", {}),
     )
-    return results["grad"], info
+    grad = results["grad"]
+    if out != problem.dtype:
+        grad = problem.lam_layout.from_leaves(to_output(g, out) for g in leaves(grad))
+    return grad, info

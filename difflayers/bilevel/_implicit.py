@@ -57,7 +57,7 @@ def _largest_eigenvalue(J: JacobianOperator, x: torch.Tensor, iterations: int = 
         w = J.mv(v)
         estimate = batch_norm(w)
         v = w
-    return float(estimate.max())
+    return float(estimate.max()) if estimate.numel() else 1.0  # any step size serves an empty batch
 
 
 def _grad_lam_inner(problem: BilevelProblem, x: torch.Tensor, lam: Tree) -> Tree:

@@ -128,7 +128,7 @@ def learn_hyperparameters(
 
     Raises:
         TypeError, ValueError: ``optimizer`` is not a ``torch.optim.Optimizer`` or does
-            not hold the tensors of ``lam``; ``steps < 1``.
+            not hold the tensors of ``lam``; ``steps < 1``; an empty batch (``B = 0``).
 
     Example:
         >>> X = torch.randn(40, 3, dtype=torch.float64); y = X.sum(1)
@@ -154,6 +154,11 @@ def learn_hyperparameters(
             "learn_hyperparameters: the optimizer must hold the very tensors of lam (leaf tensors with "
             "requires_grad=True); expected e.g. lam = torch.tensor(..., requires_grad=True) and "
             "torch.optim.Adam([lam], ...) (or list(lam.values()) for a dict)."
+        )
+    if batched and any(t.dim() > 0 and t.shape[0] == 0 for t in lam_leaves):
+        raise ValueError(
+            "learn_hyperparameters: lam has an empty batch (B = 0) with batched=True; expected at least one "
+            "problem to learn from. Skip the call for an empty batch."
         )
     history = History()
     bar = ProgressBar(steps, stream) if progress else None

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.func import grad, grad_and_value, vjp
 
-from ..solvers import FixedPointProblem, MinimizeProblem, RootProblem
+from ..solvers import FixedPointProblem, MinimizeProblem, RootProblem, compute_dtype
 from ._tree import Layout, Tree, check_tree, leaves
 
 __all__ = ["Objective", "FixedPoint", "Root", "BilevelProblem", "as_inner"]
@@ -113,14 +113,16 @@ class BilevelProblem:
         self.w_layout = Layout.of(w0, self.batched, "w0")
         self.lam_layout = Layout.of(lam, self.batched, "lam")
         first = leaves(w0)[0]
-        self.dtype, self.device = first.dtype, first.device
+        # the caller's dtype, and the one solves run in (float32 for 16-bit trees)
+        self.input_dtype, self.device = first.dtype, first.device
+        self.dtype = compute_dtype(first.dtype)
         for name, tree in (("w0", w0), ("lam", lam)):
             for i, t in enumerate(leaves(tree)):
                 label = name if isinstance(tree, torch.Tensor) else f"{name}[{list(tree)[i]!r}]"
-                if t.dtype != self.dtype:
+                if t.dtype != self.input_dtype:
                     raise TypeError(
-                        f"hypergradient: {label} has dtype {t.dtype} but w0 has {self.dtype}; expected one dtype for "
-                        f"all inner variables and hyperparameters. Cast it, e.g. .to({self.dtype})."
+                        f"hypergradient: {label} has dtype {t.dtype} but w0 has {self.input_dtype}; expected one dtype "
+                        f"for all inner variables and hyperparameters. Cast it, e.g. .to({self.input_dtype})."
                     )
                 if t.device != self.device:
                     raise ValueError(
@@ -238,10 +240,15 @@ class BilevelProblem:
         try:
             self._check(w0, lam)
         except RuntimeError as error:
+            upcast = (
+                f" Note: {self.input_dtype} w0 and lam reach inner and outer as {self.dtype}; a {self.input_dtype} "
+                f"tensor they capture (data) needs .to({self.dtype}) for matrix products."
+                if self.dtype != self.input_dtype else ""
+            )
             raise ValueError(
                 f"hypergradient: evaluating the problem at (w0, lam) failed with: {error}. Expected w0 and lam "
                 f"shaped as inner and outer use them; got w0 with shape {self._shapes(w0)} and lam with shape "
-                f"{self._shapes(lam)}. Fix the shapes (or batched=) to match your functions."
+                f"{self._shapes(lam)}. Fix the shapes (or batched=) to match your functions.{upcast}"
             ) from error
 
     def _check(self, w0: Tree, lam: Tree) -> None:

@@ -120,7 +120,8 @@ class Layout:
 
     def flatten(self, tree: Tree) -> torch.Tensor:
         """The tree as a ``[B, n]`` tensor."""
-        parts = [t.reshape(self.batch, -1) for t in leaves(tree)]
+        # explicit sizes: reshape(B, -1) is ambiguous for an empty batch
+        parts = [t.reshape(self.batch, size) for t, size in zip(leaves(tree), self.sizes)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def unflatten(self, x: torch.Tensor) -> Tree:

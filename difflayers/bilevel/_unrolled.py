@@ -103,7 +103,10 @@ def unrolled_estimate(problem: BilevelProblem, estimator: _Unrolled, x0: torch.T
         else:
             state, status, num_steps, err = _run(solver, graph_problem, state, params, steps, steps, False)
             values = problem.outer_value(state["z"], layout.from_leaves(lam_leaves))
-            grads = torch.autograd.grad(values.sum(), lam_leaves, allow_unused=True)
+            total = values.sum()
+            # No step taken (an empty batch): the outer values do not depend on lam.
+            grads = (torch.autograd.grad(total, lam_leaves, allow_unused=True) if total.requires_grad
+                     else [None] * len(lam_leaves))
     grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(lam_leaves, grads)]
     return {
         "x": state["z"].detach(),

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from ..solvers._precision import to_compute, to_output, without_autocast
 from ._canonical import (
     CanonicalProgram,
     ParameterSlot,
@@ -188,6 +190,7 @@ class ConicLayer(torch.nn.Module):
         p = self._program
         return f"n={p.n}, m={p.m}, cones={p.cones}, quadratic={p.quadratic}"
 
+    @without_autocast
     def forward(self, *params: torch.Tensor, return_solution: bool = False):
         """Solve the problem for the given parameter values.
 
@@ -199,7 +202,12 @@ class ConicLayer(torch.nn.Module):
 
         Returns:
             ``(var_1, ..., var_k)`` or, with ``return_solution=True``,
-            ``(var_1, ..., var_k, solution)``.
+            ``(var_1, ..., var_k, solution)``, in the parameters' dtype. float16 and
+            bfloat16 parameters are cast to float32 before the affine map and the
+            solve, and the variables cast back (gradients reach the parameters in
+            their dtype). Keep the layer itself in float32 or float64: a module-wide
+            ``.half()`` or ``.to(torch.bfloat16)`` rounds its canonical maps (the
+            problem's constants), which warns.
 
         Raises:
             TypeError, ValueError: wrong number, shape, dtype or device of the tensors, or
@@ -211,12 +219,26 @@ class ConicLayer(torch.nn.Module):
                     "return_solution=True needs the native solver; CvxpyLayersBackend returns variables only."
                 )
             check_parameter_tensors(self._slots, params)
-            return tuple(self._cvxpylayer(*params))
+            dtype = params[0].dtype if params else torch.float64
+            return tuple(to_output(v, dtype) for v in self._cvxpylayer(*(to_compute(p) for p in params)))
 
-        from ._solve import solve_conic
+        from ._solve import solve_conic, to_dtype
 
         program = self.program
-        data = program.evaluate(*params)
+        # one dtype first (a mixed call is an error), then 16-bit parameters are cast to
+        # float32 before the affine map, and the variables cast back (solvers._precision)
+        program.check_parameters(params)
+        maps = [t for t in (program.map_dense, program.map_values) if t is not None]
+        if any(torch.finfo(t.dtype).bits < 32 for t in maps):
+            warnings.warn(
+                f"ConicLayer: the canonical maps are {maps[0].dtype} (the layer was cast with .half() or "
+                ".to(torch.bfloat16)), so the problem's constants are rounded; cast the layer back with "
+                ".double() or .float(). 16-bit parameters need no cast of the layer.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        dtype = params[0].dtype if params else None
+        data = program.evaluate(*(to_compute(p) for p in params))
         solution = solve_conic(
             data.P,
             data.q,
@@ -228,6 +250,8 @@ class ConicLayer(torch.nn.Module):
             on_failure=self.on_failure,
         )
         values = program.recover(solution.x, data.batched)
+        if dtype is not None and dtype != solution.x.dtype:
+            values, solution = tuple(to_output(v, dtype) for v in values), to_dtype(solution, dtype)
         if return_solution:
             return (*values, solution)
         return values

@@ -29,12 +29,23 @@ import dataclasses
 import torch
 
 from ..solvers import IterativeSolver, Status, batch_dot, iterate
+from ..solvers._tracing import host_any
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
 from ._exact import ExactKKT
 from ._kkt import DualKKTFactorization, DualPrecomputation, KKTFactorization, _bmtv, _bmv
 
 __all__ = ["InteriorPoint"]
+
+
+def _tolerance(atol: float, rtol: float, scale: torch.Tensor) -> torch.Tensor:
+    """``atol + rtol * scale``, but at least ``eps^(3/4) * scale`` (scales are >= 1; about
+    2e-12 in float64, 6e-6 in float32, below the default tolerances). A smaller tolerance,
+    zero included, asks for more than an interior point reaches before its scaling
+    degenerates: the sample then stops at the best accuracy it reaches (``SUCCESS``, or
+    ``INACCURATE`` by the stall test in ``run``) or at ``max_steps``, instead of dividing
+    by zero or iterating on rounding noise until the iterate overflows."""
+    return torch.clamp_min(atol + rtol * scale, torch.finfo(scale.dtype).eps ** 0.75 * scale)
 
 
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
@@ -49,7 +60,8 @@ class InteriorPoint(IterativeSolver):
 
     A sample is solved when its primal residual, dual residual and duality gap meet
     ``atol + rtol * scale`` (scales: the norms of the terms of each residual, at least
-    1). It is declared primal or dual infeasible when a normalized certificate meets
+    1); tolerances below ``eps^(3/4) * scale`` (zero included) are raised to it, the
+    accuracy the method reaches before its scaling degenerates. It is declared primal or dual infeasible when a normalized certificate meets
     ``infeasibility_tol``. At ``max_steps`` a sample whose residuals are within
     ``1e4 x`` the tolerances is ``INACCURATE``, otherwise ``MAX_STEPS``.
 
@@ -195,7 +207,7 @@ class InteriorPoint(IterativeSolver):
             z = torch.where(keep, torch.cat([zp[:, :p], zp[:, p:].clamp_min(0.0)], 1), z)
             s = torch.where(keep, sp.clamp_min(0.0), s)
             done = done | ok
-            if bool((done | ~usable).all()):
+            if not host_any(usable & ~done):  # while traced, every split is tried
                 # the backward pass may reuse this factorization only if every
                 # returned point comes from it (the first, natural split)
                 kkt_out = kkt if ratio == 1.0 else None
@@ -291,14 +303,14 @@ class InteriorPoint(IterativeSolver):
             dscale = torch.maximum(q_norm1, torch.maximum(px_n, atz_n) / tau)
             gscale = torch.minimum(pobj.abs(), dobj.abs()).clamp_min(1.0)
             err = torch.maximum(
-                torch.maximum(pres / (atol + rtol * pscale), dres / (atol + rtol * dscale)),
-                gap / (atol + rtol * gscale),
+                torch.maximum(pres / _tolerance(atol, rtol, pscale), dres / _tolerance(atol, rtol, dscale)),
+                gap / _tolerance(atol, rtol, gscale),
             )
             # certificates, normalized by -b'z (primal) and -q'x (dual); only looked for
             # once kappa > tau somewhere (one host read saves the work on feasible batches)
             infeasible = (kappa > tau) | (tau < eps_inf)
             failure = torch.zeros_like(tau, dtype=torch.int64)
-            if bool(infeasible.any()):
+            if host_any(infeasible):
                 p_inf = infeasible & (bz_raw < 0) & (atz_n <= -bz_raw * a_scale)
                 p_inf = p_inf & (-bz_raw > eps_inf * torch.maximum(_inf_norm(z), one))
                 d_inf = infeasible & (qx_raw < 0) & (px_n <= -qx_raw * eps_inf)
@@ -381,7 +393,7 @@ class InteriorPoint(IterativeSolver):
             slow = torch.where(new["err"] > 0.5 * st["err"], st["slow"] + 1, torch.zeros_like(st["slow"]))
             stalled = near & ((slow >= 3) | (new["err"] > 100.0 * st["err"]))
             new["slow"] = slow
-            if bool(stalled.any()):  # rare; one host read saves a dozen selects per step
+            if host_any(stalled):  # rare; one host read saves a dozen selects per step
                 keep = stalled[:, None]
                 new = {k: torch.where(keep if v.dim() > 1 else stalled, st[k], v) for k, v in new.items()}
             failure = torch.where(stalled, int(Status.INACCURATE), new["failure"])
@@ -445,8 +457,8 @@ class InteriorPoint(IterativeSolver):
             dscale = torch.maximum(q_norm, one)
             err = torch.stack(
                 [
-                    _inf_norm(rx) / (atol + rtol * dscale),
-                    _inf_norm(rz) / (atol + rtol * pscale),
+                    _inf_norm(rx) / _tolerance(atol, rtol, dscale),
+                    _inf_norm(rz) / _tolerance(atol, rtol, pscale),
                     _inf_norm(rc) / (barrier * max(rtol, 1e3 * torch.finfo(q.dtype).eps)),
                 ],
                 1,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..solvers._tracing import compiling, host_any
 from ._cone_algebra import Scaling
 
 __all__ = ["KKTFactorization", "DualKKTFactorization", "DualPrecomputation"]
@@ -150,17 +151,17 @@ def _cholesky(M: torch.Tensor, regularization: float) -> tuple[torch.Tensor, tor
     accurate; where that leaves a matrix numerically indefinite (entries of the
     scaling spanning more than the working precision), those samples are factorized
     again with a regularization relative to their largest diagonal entry. Costs one
-    host sync.
+    host sync (none while torch.compile traces: the second factorization then always
+    runs, and is kept only where the first failed).
     """
     L, info = torch.linalg.cholesky_ex(M)
     bad = info > 0
-    if bool(bad.any()):
-        Mb = M[bad]
+    if host_any(bad):
+        # the whole batch again, not M[bad]: a data-dependent shape cannot be traced
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-        shift = max(regularization, 1e3 * torch.finfo(M.dtype).eps) * Mb.diagonal(dim1=1, dim2=2).abs().amax(-1)
-        Lb, info_b = torch.linalg.cholesky_ex(Mb + shift[:, None, None] * eye)
-        L, info = L.clone(), info.clone()
-        L[bad], info[bad] = Lb, info_b
+        shift = max(regularization, 1e3 * torch.finfo(M.dtype).eps) * M.diagonal(dim1=1, dim2=2).abs().amax(-1)
+        Lb, info_b = torch.linalg.cholesky_ex(M + shift[:, None, None] * eye)
+        L, info = torch.where(bad[:, None, None], Lb, L), torch.where(bad, info_b, info)
     return L, info
 
 
@@ -220,8 +221,9 @@ class DualPrecomputation:
     def try_build(P: torch.Tensor | None, A: torch.Tensor) -> DualPrecomputation | None:
         """The precomputation if every ``P`` of the batch is positive definite and
         ``A`` has no more rows than columns (where the ``m``-space system is the
-        smaller one); ``None`` otherwise. Costs one host sync."""
-        if P is None or A.shape[1] == 0 or A.shape[1] > A.shape[2]:
+        smaller one); ``None`` otherwise. Costs one host sync; while torch.compile
+        traces, where the choice cannot depend on the data, always ``None``."""
+        if P is None or A.shape[1] == 0 or A.shape[1] > A.shape[2] or compiling():
             return None
         L, info = torch.linalg.cholesky_ex(P)
         if bool((info > 0).any()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..implicit import Adjoint
+from ..solvers._tracing import check_all
 from ._cones import Cones
 from ._interior_point import InteriorPoint
 from ._solve import ON_FAILURE, ConicSolution, solve_conic
@@ -76,12 +77,22 @@ def solve_qp(
     for name, t in args.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"QPLayer: {name} must be a torch.Tensor or None, got {type(t).__name__}.")
-        if t is not None and (t.dtype != q.dtype or t.device != q.device):
+        if t is not None and t.dtype != q.dtype:
             raise TypeError(
-                f"QPLayer: {name} has dtype {t.dtype} on {t.device} but q has {q.dtype} on {q.device}; "
-                "pass every argument with one dtype and device."
+                f"QPLayer: {name} has dtype {t.dtype} but q has {q.dtype}; pass every argument with one dtype."
+            )
+        if t is not None and t.device != q.device:
+            raise ValueError(
+                f"QPLayer: {name} is on {t.device} but q is on {q.device}; move every argument to one device."
             )
     batch = _batch_size(args)
+    for name in ("P", "q", "G", "h", "A", "b"):  # named as passed (solve_conic sees them stacked)
+        t = args[name]
+        if t is not None and t.numel():
+            check_all(torch.isfinite(t.detach()), lambda _, name=name: ValueError(
+                f"QPLayer: {name} contains NaN or Inf; clean the data before solving (absent bounds are lb/ub "
+                "entries of -inf/+inf)."
+            ))
     batched = batch is not None
     B = batch if batched else 1
     n = q.shape[-1]
@@ -119,8 +130,9 @@ def solve_qp(
         bound = ex[name]
         if bound is None:
             continue
-        if torch.isnan(bound).any():
-            raise ValueError(f"QPLayer: {name} contains NaN; use -inf/+inf for absent bounds.")
+        check_all(~torch.isnan(bound), lambda _, name=name: ValueError(
+            f"QPLayer: {name} contains NaN; use -inf/+inf for absent bounds."
+        ))
         # infinite bounds become rows that always hold with slack 1 (zero dual)
         finite = torch.isfinite(bound)
         rows_A.append(sign * eye * finite[:, :, None].to(q.dtype))
@@ -156,7 +168,10 @@ class QPLayer(torch.nn.Module):
     point's final factorization (``adjoint=Implicit()``, default), from the
     central path (``adjoint=Smoothed(barrier)``: informative gradients for LPs), or
     from unrolling (``Unroll()``, for testing). Arguments without a batch dimension
-    are broadcast and their gradients are summed over the batch.
+    are broadcast and their gradients are summed over the batch. All arguments share
+    one floating dtype: float64 (recommended for gradient checks) and float32 are
+    solved as given; float16 and bfloat16 are solved in float32 and ``x`` and the
+    duals are returned in the input dtype (see ``solve_conic``).
 
     Args:
         solver: an ``InteriorPoint``.

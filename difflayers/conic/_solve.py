@@ -15,6 +15,8 @@ import torch
 
 from ..implicit import Adjoint, Implicit, Unroll
 from ..solvers import ConvergenceError, Solution, Status
+from ..solvers._precision import to_compute, to_output, without_autocast
+from ..solvers._tracing import check_all, compiling
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
 from ._interior_point import InteriorPoint
@@ -164,6 +166,8 @@ def _check_inputs(P, q, A, b, cones):
     if q.dim() != 2:
         raise ValueError(f"solve_conic: q must have shape [B, n], got {tuple(q.shape)}.")
     batch, n = q.shape
+    if n == 0:
+        raise ValueError("solve_conic: the problem has no variables (q has shape [B, 0]); expected n >= 1.")
     m = cones.dim
     expected = {"A": (batch, m, n), "b": (batch, m)}
     if P is not None:
@@ -181,23 +185,44 @@ def _check_inputs(P, q, A, b, cones):
             raise TypeError(f"solve_conic: {name} has dtype {t.dtype} but q has {q.dtype}; pass one dtype.")
         if t.device != q.device:
             raise ValueError(f"solve_conic: {name} is on {t.device} but q is on {q.device}; move them to one device.")
-    if q.dtype not in (torch.float32, torch.float64):
-        raise TypeError(
-            f"solve_conic: the interior point runs in float32 or float64, got {q.dtype}; "
-            "convert with .float() or .double() (float64 recommended)."
-        )
     for name, t in named.items():
         if t is None or t.numel() == 0:
             continue
         finite = torch.isfinite(t.detach().reshape(batch, -1)).all(1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            raise ValueError(
-                f"solve_conic: {name} contains NaN or Inf in batch elements {bad[:8]}"
-                f"{' ...' if len(bad) > 8 else ''}. Clean the data (or drop those elements) before solving."
-            )
+        check_all(finite, lambda bad, name=name: ValueError(
+            f"solve_conic: {name} contains NaN or Inf{_in_elements(bad)}. Clean the data (or drop those elements) "
+            "before solving."
+        ))
+    if P is not None and P.numel():
+        _check_convex(P)
 
 
+def _check_convex(P: torch.Tensor) -> None:
+    """Raise unless the symmetric part of every ``P`` is positive semi-definite.
+
+    A Cholesky factorization of ``P_sym + delta I`` with ``delta = sqrt(eps) max(1, |P|_max)``
+    succeeds for every PSD ``P`` and fails for one with an eigenvalue below ``-delta``: the
+    interior point would otherwise fail on a nonconvex problem with a misleading status.
+    """
+    P = P.detach().to(torch.promote_types(P.dtype, torch.float32))  # 16-bit data is checked in float32
+    P = 0.5 * (P + P.transpose(1, 2))
+    delta = torch.finfo(P.dtype).eps ** 0.5 * P.abs().flatten(1).amax(1).clamp_min(1.0)
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    _, info = torch.linalg.cholesky_ex(P + delta[:, None, None] * eye)
+    check_all(info == 0, lambda bad: ValueError(
+        f"solve_conic: P is not positive semi-definite{_in_elements(bad)} (its symmetric part has a negative "
+        "eigenvalue), so the problem is not convex; pass a PSD P (e.g. L @ L.mT, or add a multiple of the identity)."
+    ))
+
+
+def _in_elements(bad: list[int] | None) -> str:
+    """`` in batch elements [...]`` for a message (empty while traced: indices unknown)."""
+    if bad is None:
+        return ""
+    return f" in batch elements {bad[:8]}{' ...' if len(bad) > 8 else ''}"
+
+
+@without_autocast
 def solve_conic(
     P: torch.Tensor | None,
     q: torch.Tensor,
@@ -221,8 +246,8 @@ def solve_conic(
     ``P, q, A, b``.
 
     Args:
-        P: ``[B, n, n]`` positive semi-definite (its symmetric part is used), or
-            ``None`` for a linear program.
+        P: ``[B, n, n]`` positive semi-definite (its symmetric part is used; a clearly
+            indefinite one raises ``ValueError``), or ``None`` for a linear program.
         q: ``[B, n]``.
         A: ``[B, m, n]`` with ``m = cones.dim``.
         b: ``[B, m]``.
@@ -241,10 +266,19 @@ def solve_conic(
 
     Returns:
         A ``ConicSolution`` with ``value`` (= ``x``), ``z``, ``s``, per-element
-        ``status`` and ``stats``.
+        ``status`` and ``stats`` (empty for an empty batch, ``B = 0``). With
+        ``max_steps=0`` no iteration runs: elements end ``MAX_STEPS`` at the initial
+        point (``INACCURATE``, or ``SUCCESS`` after polishing, where it is already close).
+
+    Precision: ``x``, ``z`` and ``s`` have ``q``'s dtype. float64 and float32 are solved
+    as given (float32 with iterative refinement of every KKT solve); float16 and
+    bfloat16 data are cast to float32, solved and differentiated there, and the
+    solution is cast back (gradients reach the inputs in their dtype; ``stats`` stay
+    float32). Integer data raises ``TypeError``.
 
     Raises:
-        TypeError, ValueError: bad shapes, dtypes, devices, NaN/Inf data.
+        TypeError, ValueError: bad shapes, dtypes, devices, NaN/Inf data, a ``P`` that is
+            not positive semi-definite.
         ConvergenceError: with ``on_failure="raise"``, when an element failed.
 
     Example:
@@ -274,6 +308,9 @@ def solve_conic(
     if on_failure not in ON_FAILURE:
         raise ValueError(f"solve_conic: on_failure must be one of {ON_FAILURE}, got {on_failure!r}.")
     _check_inputs(P, q, A, b, cones)
+    # 16-bit data is solved in float32 and the solution cast back (solvers._precision)
+    dtype = q.dtype
+    P, q, A, b = (to_compute(t) for t in (P, q, A, b))
     batch, n = q.shape
     p = cones.zero
     layout = ConeLayout(cones, q.device)
@@ -309,7 +346,8 @@ def solve_conic(
         zeros = b.new_zeros(0, cones.dim)
         stats = {k: q.new_zeros(0) for k in ("residual", "objective")}
         stats["num_steps"] = torch.zeros(0, dtype=torch.int64, device=q.device)
-        return ConicSolution(empty, torch.zeros(0, dtype=torch.int64, device=q.device), stats, z=zeros, s=zeros)
+        empty = ConicSolution(empty, torch.zeros(0, dtype=torch.int64, device=q.device), stats, z=zeros, s=zeros)
+        return to_dtype(empty, dtype)
 
     if isinstance(adjoint, Unroll) and need_grad:
         x, z, s, status, stats = solver.run(P_s, q, A_g, b_g, cones, layout, start)
@@ -348,8 +386,19 @@ def solve_conic(
         if P_s is not None:
             obj = obj + 0.5 * (xd * _bmv(P_s.detach(), xd)).sum(1)
     stats["objective"] = obj
-    solution = ConicSolution(x, status, stats, z=z, s=s)
+    solution = to_dtype(ConicSolution(x, status, stats, z=z, s=s), dtype)
     return _apply_policy(solution, on_failure, "solve_conic")
+
+
+def to_dtype(solution: ConicSolution, dtype: torch.dtype) -> ConicSolution:
+    """``solution`` with ``x``, ``z``, ``s`` cast to the caller's ``dtype`` (differentiable;
+    ``stats`` keep the compute dtype)."""
+    if solution.value.dtype == dtype:
+        return solution
+    return ConicSolution(
+        to_output(solution.value, dtype), solution.status, solution.stats,
+        z=to_output(solution.z, dtype), s=to_output(solution.s, dtype),
+    )
 
 
 def _apply_policy(solution: ConicSolution, on_failure: str, what: str) -> ConicSolution:
@@ -363,22 +412,26 @@ def _apply_policy(solution: ConicSolution, on_failure: str, what: str) -> ConicS
                 hint="Pass on_failure='nan' or 'mask' to get the per-element status instead of this error "
                 "(ConicSolution.status; return_solution=True on the layers).",
             )
+    # While torch.compile traces nothing is read from the device (no warnings; "raise"
+    # breaks the graph here): the fill below is a no-op where every element is usable.
+    traced = compiling()
     inaccurate = status == int(Status.INACCURATE)
-    if bool(inaccurate.any()):
+    if not traced and bool(inaccurate.any()):
         idx = inaccurate.nonzero().flatten().tolist()
         warnings.warn(
-            f"{what}: batch elements {idx[:8]} are INACCURATE: {Status.INACCURATE.message}", RuntimeWarning, stacklevel=3
+            f"{what}: batch elements {idx[:8]} are INACCURATE: {Status.INACCURATE.message}", RuntimeWarning, stacklevel=4
         )
-    if on_failure == "raise" or bool(usable.all()):
+    if on_failure == "raise" or (not traced and bool(usable.all())):
         return solution
-    failed = (~usable).nonzero().flatten().tolist()
-    names = sorted({Status(int(s)).name for s in status[~usable].tolist()})
-    warnings.warn(
-        f"{what}: batch elements {failed[:8]}{' ...' if len(failed) > 8 else ''} failed ({', '.join(names)}); "
-        f"their outputs are {'NaN' if on_failure == 'nan' else 'zero'} (on_failure={on_failure!r}).",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    if not traced:
+        failed = (~usable).nonzero().flatten().tolist()
+        names = sorted({Status(int(s)).name for s in status[~usable].tolist()})
+        warnings.warn(
+            f"{what}: batch elements {failed[:8]}{' ...' if len(failed) > 8 else ''} failed ({', '.join(names)}); "
+            f"their outputs are {'NaN' if on_failure == 'nan' else 'zero'} (on_failure={on_failure!r}).",
+            RuntimeWarning,
+            stacklevel=4,  # past solve_conic and without_autocast's frame
+        )
     fill = float("nan") if on_failure == "nan" else 0.0
     keep = usable[:, None]
     return ConicSolution(

@@ -49,6 +49,8 @@ def spo_plus_loss(
         The loss (a scalar, or ``[B]`` with ``reduction="none"``).
 
     Raises:
+        TypeError, ValueError: mismatched shapes, dtypes or devices of ``c_hat``, ``c``,
+            ``w_true``; NaN/Inf costs; ``reduction="mean"`` over an empty batch.
         ConvergenceError: if an LP is infeasible or unbounded (SPO+ needs a bounded
             feasible set).
 
@@ -73,6 +75,26 @@ def spo_plus_loss(
         raise TypeError("spo_plus_loss: c_hat and c must be tensors.")
     if c_hat.shape != c.shape:
         raise ValueError(f"spo_plus_loss: c_hat {list(c_hat.shape)} and c {list(c.shape)} must have one shape.")
+    if c.dim() not in (1, 2):
+        raise ValueError(f"spo_plus_loss: c_hat and c must have shape [B, n] or [n]; got {list(c.shape)}.")
+    if w_true is not None and (not isinstance(w_true, torch.Tensor) or w_true.shape != c.shape):
+        got = list(w_true.shape) if isinstance(w_true, torch.Tensor) else type(w_true).__name__
+        raise ValueError(f"spo_plus_loss: w_true must have the shape of c {list(c.shape)}; got {got}.")
+    for name, t in (("c", c), ("w_true", w_true)):
+        if t is not None and t.dtype != c_hat.dtype:
+            raise TypeError(f"spo_plus_loss: {name} has dtype {t.dtype} but c_hat has {c_hat.dtype}; pass one dtype.")
+        if t is not None and t.device != c_hat.device:
+            raise ValueError(
+                f"spo_plus_loss: {name} is on {t.device} but c_hat is on {c_hat.device}; move them to one device."
+            )
+    for name, t in (("c_hat", c_hat), ("c", c), ("w_true", w_true)):
+        if t is not None and t.device.type != "meta" and not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"spo_plus_loss: {name} contains NaN or Inf; clean the inputs before computing the loss.")
+    if reduction == "mean" and c.dim() == 2 and c.shape[0] == 0:
+        raise ValueError(
+            "spo_plus_loss: the batch is empty (B = 0), so its mean is undefined; use reduction='sum' (0 for an "
+            "empty batch) or 'none', or skip the call."
+        )
     squeeze = c.dim() == 1
     if squeeze:
         c_hat, c = c_hat.unsqueeze(0), c.unsqueeze(0)

@@ -31,7 +31,9 @@ from ..solvers import (
     CG,
     batch_norm,
 )
+from ..solvers._precision import explain_upcast, to_compute, to_output, without_autocast
 from ..solvers._solution import ConvergenceError
+from ..solvers._tracing import compiling
 from ._adjoint import Adjoint, CheckpointedUnroll, Implicit, OneStep, Truncated, Unroll
 from ._function import ImplicitSpec, implicit_solution
 
@@ -108,18 +110,43 @@ class _Flat:
                 f"{name}: z0 is 0-dim but batched=True expects a leading batch dimension. "
                 "Pass batched=False to solve a single problem (of any shape), or z0.reshape(1)."
             )
-        self.name, self.what, self.fn, self.batched, self.out = name, what, fn, batched, out
+        self.name, self.what, self.batched, self.out = name, what, batched, out
+        self.fn = explain_upcast(name, what, fn, z0.dtype)  # 16-bit z0: fn sees float32
         self.event = tuple(z0.shape[1:]) if batched else tuple(z0.shape)
         self.batch = z0.shape[0] if batched else 1
+        self.evaluated = False
 
     def flatten(self, z: torch.Tensor) -> torch.Tensor:
-        return z.reshape(self.batch, -1)
+        return z.reshape(self.batch, math.prod(self.event))  # not -1: ambiguous for an empty batch
 
     def unflatten(self, z: torch.Tensor) -> torch.Tensor:
         return z.reshape((self.batch, *self.event) if self.batched else self.event)
 
+    def _first_call(self, z: torch.Tensor, params) -> torch.Tensor:
+        """Evaluate once with torch's shape errors restated in terms of the arguments
+        (a parameter whose shape does not fit ``z0`` fails inside the user's function)."""
+        u = self.unflatten(z)
+        try:
+            out = self.fn(u, *params)
+        except RuntimeError as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            shapes = ", ".join(str(tuple(p.shape)) for p in params)
+            raise ValueError(
+                f"{self.name}: {self.what}(z, *params) failed on its first evaluation, with z of shape "
+                f"{tuple(u.shape)} and params of shapes [{shapes}]: {error}; check that every param has the "
+                f"shape (and dtype) {self.what} expects"
+                + (f" (a batched param needs the batch size {self.batch} of z0 as its leading dimension)."
+                   if self.batched else ".")
+            ) from error
+        self.evaluated = True
+        return out
+
     def __call__(self, z: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        out = self.fn(self.unflatten(z), *params)
+        if self.evaluated:
+            out = self.fn(self.unflatten(z), *params)
+        else:
+            out = self._first_call(z, params)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"{self.name}: {self.what} must return a tensor; got {type(out).__name__}.")
         lead = (z.shape[0],) if self.batched else ()
@@ -140,14 +167,20 @@ class _Flat:
                 f"{self.name}: {self.what} returned shape {tuple(out.shape)}; expected a leading batch "
                 f"dimension of size {z.shape[0]}."
             )
-        return out.reshape(z.shape[0], -1) if self.out != "scalar" else out.reshape(z.shape[0])
+        if self.out == "scalar":
+            return out.reshape(z.shape[0])
+        # explicit sizes: reshape(B, -1) is ambiguous for an empty batch
+        return out.reshape(z.shape[0], out.shape[1:].numel() if self.batched else out.numel())
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def _finish(name, sol: Solution, value: torch.Tensor, flat: _Flat, needs_grad: bool, throw: bool, return_solution: bool):
-    if throw or needs_grad:
+def _finish(name, sol: Solution, value: torch.Tensor, flat: _Flat, needs_grad: bool, throw: bool, return_solution: bool,
+            dtype: torch.dtype):
+    # The warning below needs a host read, which torch.compile cannot trace: it is not
+    # given there (throw=False then keeps the whole call in one graph).
+    if throw or (needs_grad and not compiling()):
         ok = bool(sol.converged.all())  # the one host sync of a call
         if not ok and throw:
             raise ConvergenceError(name, Solution(flat.unflatten(sol.value), sol.status, sol.stats))
@@ -160,7 +193,7 @@ def _finish(name, sol: Solution, value: torch.Tensor, flat: _Flat, needs_grad: b
                 RuntimeWarning,
                 stacklevel=3,
             )
-    out = flat.unflatten(value)
+    out = to_output(flat.unflatten(value), dtype)
     if return_solution:
         return Solution(value=out, status=sol.status, stats=sol.stats)
     return out
@@ -173,7 +206,10 @@ def _call_root(problem, z, *params):
 def _solve(name, problem, flat: _Flat, z0, params, solver, adjoint, throw, return_solution):
     _check_solver(name, solver, adjoint)
     solver.check_problem(problem)
-    params = tuple(params)
+    # 16-bit inputs are solved in float32 and the result cast back (solvers._precision)
+    dtype = z0.dtype
+    z0 = to_compute(z0)
+    params = tuple(to_compute(p) for p in params)
     # Derivatives are tracked whenever grad mode is on, so that torch.func transforms
     # (whose tensors do not report requires_grad) see them; nothing is recorded when no
     # input carries a derivative. Reverse-mode users get the checks and warnings.
@@ -183,7 +219,13 @@ def _solve(name, problem, flat: _Flat, z0, params, solver, adjoint, throw, retur
 
     if isinstance(adjoint, (Unroll, CheckpointedUnroll)) and track:
         sol = solver.solve(problem, z0_flat, params, checkpoint=isinstance(adjoint, CheckpointedUnroll))
-        return _finish(name, sol, sol.value, flat, needs_grad, throw, return_solution)
+        value = sol.value
+        if needs_grad and not value.requires_grad:
+            # No step was taken (an empty batch, max_steps=0, or z0 already converged): the
+            # computation does not depend on params, so its derivative is zero; keep the
+            # output in the graph (an empty sum, NaN-free) so that backward gives zeros.
+            value = value + sum(p.flatten()[:0].sum() for p in params if p.requires_grad)
+        return _finish(name, sol, value, flat, needs_grad, throw, return_solution, dtype)
 
     with torch.no_grad():
         sol = solver.solve(problem, z0_flat.detach(), tuple(p.detach() for p in params))
@@ -201,7 +243,7 @@ def _solve(name, problem, flat: _Flat, z0, params, solver, adjoint, throw, retur
             for _ in range(steps):
                 state = solver.differentiable_step(problem, state, params)
             z = state["z"]
-    return _finish(name, sol, z, flat, needs_grad, throw, return_solution)
+    return _finish(name, sol, z, flat, needs_grad, throw, return_solution, dtype)
 
 
 _SHARED_ARGS = """
@@ -212,16 +254,30 @@ _SHARED_ARGS = """
             ``z0`` is a single problem.
         throw: raise ``ConvergenceError`` (naming the failed samples) when a sample does
             not converge; with ``False`` the per-sample status is returned instead and
-            differentiating an unconverged solution warns.
+            differentiating an unconverged solution warns. A sample whose ``z0`` or
+            params make the problem NaN/Inf ends with ``Status.NONFINITE`` (the other
+            samples, and their gradients, are unaffected); ``max_steps=0`` returns ``z0``
+            with ``Status.MAX_STEPS``; an empty batch (``B = 0``) gives an empty result.
         return_solution: return a ``Solution`` (``value``, per-sample ``status``,
             ``stats`` with ``num_steps`` and ``residual``) instead of the tensor."""
+
+_PRECISION = """
+    Precision: the result has ``z0``'s dtype. float64 and float32 are solved as given;
+    float16 and bfloat16 inputs (``z0`` and ``*params``) are cast to float32, solved
+    with float32 tolerances, and the result is cast back; gradients reach them in
+    their own dtype. The problem function is then evaluated on float32 tensors: a
+    16-bit tensor it captures takes part in PyTorch's type promotion, but a matrix
+    product needs one dtype, so pass such tensors as ``*params``. ``*params`` must
+    share ``z0``'s floating dtype; integer ``z0`` raises ``TypeError``."""
 
 
 def _with_shared_args(fn):
     fn.__doc__ = fn.__doc__.replace("{shared_args}", _SHARED_ARGS.strip("\n"))
+    fn.__doc__ = fn.__doc__.replace("{precision}", _PRECISION.strip("\n"))
     return fn
 
 
+@without_autocast
 @_with_shared_args
 def fixed_point(
     T: Callable[..., torch.Tensor],
@@ -247,6 +303,8 @@ def fixed_point(
     Returns:
         The fixed point, shaped like ``z0`` (or a ``Solution``).
 
+{precision}
+
     Raises:
         ConvergenceError: with ``throw=True``, if a sample did not converge.
         ValueError, TypeError: malformed inputs; the message says what to change.
@@ -265,6 +323,7 @@ def fixed_point(
                   throw, return_solution)
 
 
+@without_autocast
 @_with_shared_args
 def root_find(
     F: Callable[..., torch.Tensor],
@@ -292,6 +351,8 @@ def root_find(
     Returns:
         The root, shaped like ``z0`` (or a ``Solution``).
 
+{precision}
+
     Raises:
         ConvergenceError: with ``throw=True``, if a sample did not converge.
         ValueError, TypeError: malformed inputs; the message says what to change.
@@ -309,6 +370,7 @@ def root_find(
                   adjoint or Implicit(), throw, return_solution)
 
 
+@without_autocast
 @_with_shared_args
 def argmin(
     f: Callable[..., torch.Tensor],
@@ -337,6 +399,8 @@ def argmin(
     Returns:
         The minimizer, shaped like ``z0`` (or a ``Solution``).
 
+{precision}
+
     Raises:
         ConvergenceError: with ``throw=True``, if a sample did not converge.
         ValueError, TypeError: malformed inputs; the message says what to change.
@@ -355,6 +419,7 @@ def argmin(
                   solver or Newton(linear_solver=CG()), adjoint or Implicit(), throw, return_solution)
 
 
+@without_autocast
 @_with_shared_args
 def least_squares(
     r: Callable[..., torch.Tensor],
@@ -379,6 +444,8 @@ def least_squares(
 
     Returns:
         The minimizer, shaped like ``z0`` (or a ``Solution``).
+
+{precision}
 
     Example:
         >>> t = torch.linspace(0, 1, 20, dtype=torch.float64)
@@ -407,8 +474,8 @@ def custom_root(
     ``solve(z0, *params)`` without recording gradients (any code: scipy, a CUDA kernel,
     a hand-written loop) and attaches the implicit derivative of ``F``'s root. When
     gradients are requested, the returned point is checked to be a root: a residual
-    ``||F(z)|| > sqrt(eps) * (1 + ||z||)`` per sample triggers a warning, since the
-    implicit gradient of a non-root is wrong.
+    ``||F(z)|| > sqrt(eps) * (1 + ||z||)`` per sample, or a NaN/Inf one, triggers a
+    warning, since the implicit gradient of a non-root is wrong.
 
     Args:
         F: the optimality condition, ``F(z, *params)``, zero at the solution.
@@ -418,7 +485,10 @@ def custom_root(
         batched: whether the leading dimension of ``z`` is the batch.
 
     Returns:
-        A decorator: ``solve -> differentiable solve``.
+        A decorator: ``solve -> differentiable solve``. The differentiable solve returns
+        ``z0``'s dtype; float16 and bfloat16 inputs are cast to float32 before ``solve``
+        and ``F`` see them (the root check and the backward run in float32) and the
+        root is cast back.
 
     Example:
         >>> F = lambda z, c: z**3 - c
@@ -437,9 +507,12 @@ def custom_root(
             raise TypeError(f"custom_root: the decorated solver must be callable; got {type(solve).__name__}.")
 
         @functools.wraps(solve)
+        @without_autocast
         def differentiable_solve(z0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
             _check_inputs(name, F, z0, params)
             flat = _Flat(name, "F", F, z0, batched, "same")
+            dtype = z0.dtype
+            z0, params = to_compute(z0), tuple(to_compute(p) for p in params)
             with torch.no_grad():
                 z = solve(z0, *[p.detach() for p in params])
             if not isinstance(z, torch.Tensor) or z.shape != z0.shape:
@@ -447,22 +520,26 @@ def custom_root(
                     f"{name}: the decorated solver must return a tensor shaped like z0 {tuple(z0.shape)}; got "
                     f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}."
                 )
+            if z.is_floating_point() and z.dtype != z0.dtype:
+                z = z.to(z0.dtype)
             if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-                return z
+                return to_output(z, dtype)
             z_flat = flat.flatten(z)
             residual = _check_no_captured_grad(name, flat, z_flat, params)
             tol = math.sqrt(torch.finfo(z.dtype).eps) * (1.0 + batch_norm(z_flat))
             res_norm = batch_norm(residual)
-            if bool((res_norm > tol).any()):
-                bad = (res_norm > tol).nonzero().flatten().tolist()
+            not_root = ~(res_norm <= tol)  # NaN/Inf residuals (a NaN point or parameter) count as failures
+            if bool(not_root.any()):
+                bad = not_root.nonzero().flatten().tolist()
                 warnings.warn(
                     f"{name}: the solver returned a point that is not a root of F for samples {bad[:8]} "
-                    f"(max ||F|| = {float(res_norm.max()):.3e}); the implicit gradient is wrong there.",
+                    f"(max ||F|| = {float(res_norm.max()):.3e}); the implicit gradient is wrong there"
+                    + ("; the point or F holds NaN/Inf." if not bool(torch.isfinite(res_norm).all()) else "."),
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,  # past without_autocast's frame
                 )
             spec = ImplicitSpec(flat, symmetric, linear_solver, name)
-            return flat.unflatten(implicit_solution(spec, z_flat, params))
+            return to_output(flat.unflatten(implicit_solution(spec, z_flat, params)), dtype)
 
         return differentiable_solve
 

@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..implicit import Adjoint, Implicit, Unroll, custom_root
 from ..solvers import ConvergenceError, Solution, Status
+from ..solvers._precision import common_dtype, to_compute, to_output, without_autocast
+from ..solvers._tracing import compiling
 from ._geometry import COSTS, Geometry
 from ._inputs import as_batched, prepare_problem
 from ._sinkhorn import Sinkhorn, _update_f, _update_g
@@ -46,6 +48,13 @@ class SinkhornResult(Solution):
         f, g: potentials ``[B, n]``, ``[B, m]``; ``P_ij = a_i b_j exp((f_i + g_j - C_ij) /
             eps)``.
         status, stats: per-problem ``Status`` and ``num_steps``, ``residual``.
+        potentials: ``(f, g)`` in the compute dtype when it differs from the inputs'
+            (float32 for float16/bfloat16 inputs), else ``None``. ``plan`` and
+            ``apply_plan`` use them: ``exp((f + g - C) / eps)`` would amplify the
+            rounding of 16-bit potentials by ``|f| / eps``.
+
+    ``value``, ``f``, ``g``, ``plan`` and ``apply_plan`` have the inputs' dtype; the
+    geometry, weights and ``stats`` are in the compute dtype.
     """
 
     f: torch.Tensor
@@ -55,21 +64,27 @@ class SinkhornResult(Solution):
     b: torch.Tensor = dataclasses.field(repr=False)
     epsilon: float = 0.0
     batched: bool = True
+    potentials: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.batched else t[0]
+        return to_output(t if self.batched else t[0], self.f.dtype)
+
+    def _exact(self) -> tuple[torch.Tensor, torch.Tensor]:
+        f, g = (self.f, self.g) if self.potentials is None else self.potentials
+        return self._in(f), self._in(g)
 
     @property
     def plan(self) -> torch.Tensor:
         """The dense plan ``[B, n, m]`` (materialized on demand)."""
-        f, g = self._in(self.f), self._in(self.g)
+        f, g = self._exact()
         parts = [_plan_tile(c, f[:, s:t], g, self.a[:, s:t], self.b, self.epsilon) for s, t, c in self.geometry.tiles()]
         return self._out(torch.cat(parts, 1))
 
     def apply_plan(self, v: torch.Tensor) -> torch.Tensor:
         """``P v`` for ``v [B, m, k]`` (or ``[m, k]`` unbatched), tile by tile."""
         v = v if self.batched else v[None]
-        f, g = self._in(self.f), self._in(self.g)
+        f, g = self._exact()
+        v = v.to(f.dtype)
         parts = [
             torch.bmm(_plan_tile(c, f[:, s:t], g, self.a[:, s:t], self.b, self.epsilon), v)
             for s, t, c in self.geometry.tiles()
@@ -84,6 +99,7 @@ def _plan_tile(c, f, g, a, b, eps):
     return torch.exp((f[:, :, None] + g[:, None, :] - c) / eps) * a[:, :, None] * b[:, None, :]
 
 
+@without_autocast
 def sinkhorn(
     cost: torch.Tensor | None = None,
     x: torch.Tensor | None = None,
@@ -135,6 +151,13 @@ def sinkhorn(
     Returns:
         A ``SinkhornResult`` (unbatched fields when no input is batched).
 
+    Precision: results have the inputs' dtype. float64 and float32 are solved as
+    given (float32 warns when ``epsilon`` is below ``1e-4`` times the cost scale);
+    float16 and bfloat16 inputs are solved, and differentiated, in float32 and the
+    results cast back (gradients reach the inputs in their dtype). ``cost_fn`` then
+    sees float32 clouds. 16-bit weights of a balanced problem may differ in mass by
+    their rounding (``eps`` of the dtype); ``b`` is rescaled to ``a``'s mass.
+
     Example:
         >>> import torch, difflayers as dl
         >>> x = torch.rand(50, 2, dtype=torch.float64, requires_grad=True)
@@ -161,17 +184,19 @@ def sinkhorn(
     geom, a, b, batched, ref = prepare_problem(
         "sinkhorn", cost, x, y, a, b, cost_fn, tile, balanced=rho_a is None and rho_b is None
     )
-    if ref.dtype == torch.float32:
+    # the compute dtype (16-bit inputs included); an advice that needs a host read, so
+    # not given while torch.compile traces
+    if a.dtype == torch.float32 and not compiling():
         scale = max(float(c.detach().abs().max()) for _, _, c in geom.tiles())
         if scale / epsilon > 1e4:
             warnings.warn(
                 f"sinkhorn: epsilon={epsilon:g} is below 1e-4 x the cost scale ({scale:.3g}): float32 potentials "
                 "lose most of their precision. Use float64 or a larger epsilon.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,  # past without_autocast's frame
             )
     if init is not None:
-        init = tuple(as_batched(t, 1, "init").detach() for t in init)
+        init = tuple(as_batched(t, 1, "init").detach().to(a.dtype) for t in init)
 
     track = torch.is_grad_enabled()
     eps = float(epsilon)
@@ -186,9 +211,11 @@ def sinkhorn(
     else:
         value = _value(geom, f, g, a, b, eps, rho_a, rho_b)
     out = (lambda t: t) if batched else (lambda t: t[0])
+    dtype = ref.dtype  # 16-bit inputs were solved in float32: results cast back
     result = SinkhornResult(
-        out(value), out(status), {"num_steps": out(steps), "residual": out(err)}, f=out(f), g=out(g),
-        geometry=geom, a=a, b=b, epsilon=eps, batched=batched,
+        to_output(out(value), dtype), out(status), {"num_steps": out(steps), "residual": out(err)},
+        f=to_output(out(f), dtype), g=to_output(out(g), dtype), geometry=geom, a=a, b=b, epsilon=eps,
+        batched=batched, potentials=None if dtype == a.dtype else (out(f), out(g)),
     )
     if throw and not bool((status == int(Status.SUCCESS)).all()):
         raise ConvergenceError("sinkhorn", SinkhornResult(value, status, {"num_steps": steps, "residual": err},
@@ -347,7 +374,9 @@ class SinkhornDivergence(torch.nn.Module):
         solver: a ``Sinkhorn``.
 
     Call:
-        ``loss(x, y, a=None, b=None) -> [B]`` (or a scalar for unbatched clouds).
+        ``loss(x, y, a=None, b=None) -> [B]`` (or a scalar for unbatched clouds), in
+        the inputs' dtype. float16 and bfloat16 inputs are computed in float32 (the
+        three transport values nearly cancel) and the loss cast back.
 
     References:
         Feydy et al., Interpolating between Optimal Transport and MMD using Sinkhorn
@@ -358,11 +387,15 @@ class SinkhornDivergence(torch.nn.Module):
         super().__init__()
         self.epsilon, self.cost_fn, self.solver = epsilon, cost_fn, solver
 
+    @without_autocast
     def forward(self, x, y, a=None, b=None):
+        # one dtype first, then 16-bit inputs in float32: the difference below cancels
+        dtype = common_dtype("SinkhornDivergence", {"x": x, "y": y, "a": a, "b": b})
+        x, y, a, b = (to_compute(t) for t in (x, y, a, b))
         res = sinkhorn(x=x, y=y, a=a, b=b, epsilon=self.epsilon, cost_fn=self.cost_fn, solver=self.solver)
         xx = self._self_transport(x, res.a, res.batched)
         yy = self._self_transport(y, res.b, res.batched)
-        return res.value - 0.5 * (xx + yy)
+        return to_output(res.value - 0.5 * (xx + yy), dtype)
 
     def _self_transport(self, z, w, batched):
         """``OT_eps(w, w)`` on the cloud ``z`` by the symmetric iteration, with the

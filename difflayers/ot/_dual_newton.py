@@ -42,13 +42,34 @@ def _csr(mask, w):
         return torch.sparse_csr_tensor(crow, b * m + j, w[b, i, j], (batch * n, batch * m), check_invariants=False)
 
 
+def _listed(mask, w):
+    """``W v`` and ``W' u`` from the list of kept entries, summed by ``index_add``: the
+    sums run in a fixed order (serially on CPU; sorted under deterministic algorithms on
+    CUDA), unlike a sparse BLAS product, which promises no bitwise reproducibility."""
+    batch, n, m = w.shape
+    b, i, j = mask.nonzero(as_tuple=True)
+    rows, cols, values = b * n + i, b * m + j, w[b, i, j]
+
+    def forward(v):
+        return v.new_zeros(batch * n).index_add_(0, rows, values * v.reshape(-1)[cols]).view(batch, n)
+
+    def backward(u):
+        return u.new_zeros(batch * m).index_add_(0, cols, values * u.reshape(-1)[rows]).view(batch, m)
+
+    return forward, backward
+
+
 def masked_products(mask: torch.Tensor, w: torch.Tensor):
     """``(v -> W v, u -> W' u)`` for ``W = w`` restricted to ``mask`` (``[B, n, m]``):
-    sparse (CSR) when few entries are kept, batched dense products otherwise."""
+    sparse (CSR) when few entries are kept, batched dense products otherwise. Under
+    ``torch.use_deterministic_algorithms(True)`` the sparse products are sums over the
+    list of kept entries in a fixed order (bitwise reproducible)."""
     batch, n, m = w.shape
     if float(mask.sum()) > _SPARSE_BELOW * mask.numel():
         w = torch.where(mask, w, 0.0)
         return (lambda v: matvec(w, v)), (lambda u: rmatvec(u, w))
+    if torch.are_deterministic_algorithms_enabled():
+        return _listed(mask, w)
     forward = _csr(mask, w)
     backward = _csr(mask.transpose(1, 2), w.transpose(1, 2))
     return (lambda v: (forward @ v.reshape(-1, 1)).view(batch, n)), (lambda u: (backward @ u.reshape(-1, 1)).view(batch, m))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..solvers._precision import compute_dtype, to_compute
+from ..solvers._tracing import check_all
 from ._geometry import COSTS, Geometry
 
 __all__ = ["prepare_problem", "as_batched"]
@@ -30,13 +32,16 @@ def _check(what, t, ref, name="sinkhorn"):
         )
     if not t.is_floating_point():
         raise TypeError(f"{name}: {what} must be floating point, got {t.dtype}.")
-    if not bool(torch.isfinite(t.detach()).all()):
-        raise ValueError(f"{name}: {what} contains NaN or Inf.")
+    check_all(torch.isfinite(t.detach()), lambda _: ValueError(f"{name}: {what} contains NaN or Inf."))
 
 
 def prepare_problem(name, cost, x, y, a, b, cost_fn, tile, *, balanced: bool):
     """Validate the inputs of a transport solve; returns ``(geometry, a, b, batched, ref)``
-    with batched ``a [B, n]``, ``b [B, m]`` (uniform when ``None``)."""
+    with batched ``a [B, n]``, ``b [B, m]`` (uniform when ``None``).
+
+    The geometry and the weights are in the compute dtype (float32 for float16 and
+    bfloat16 inputs, see ``solvers.compute_dtype``); ``ref`` is the caller's cost or
+    ``x``, whose dtype the results are returned in."""
     if (cost is None) == (x is None or y is None):
         raise ValueError(f"{name}: pass either cost=[B, n, m] or both point clouds x=[B, n, d] and y=[B, m, d].")
     batched = (cost.dim() == 3) if cost is not None else (x.dim() == 3 or y.dim() == 3)
@@ -44,7 +49,7 @@ def prepare_problem(name, cost, x, y, a, b, cost_fn, tile, *, balanced: bool):
         cost = as_batched(cost, 2, "cost", name)
         ref = cost
         _check("cost", cost, ref, name)
-        geom = Geometry(cost=cost)
+        geom = Geometry(cost=to_compute(cost))
     else:
         if isinstance(cost_fn, str):
             if cost_fn not in COSTS:
@@ -64,31 +69,34 @@ def prepare_problem(name, cost, x, y, a, b, cost_fn, tile, *, balanced: bool):
         ref = x
         _check("x", x, ref, name)
         _check("y", y, ref, name)
-        geom = Geometry(x=x, y=y, cost_fn=fn, tile=tile)
+        geom = Geometry(x=to_compute(x), y=to_compute(y), cost_fn=fn, tile=tile)
     B, n, m = geom.batch, geom.n, geom.m
     if n == 0 or m == 0:
         raise ValueError(f"{name}: each measure needs at least one point; got n = {n}, m = {m}.")
-    if ref.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name}: use float32 or float64 (got {ref.dtype}).")
+    dtype = compute_dtype(ref.dtype)
     weights = []
     for wname, w, size in (("a", a, n), ("b", b, m)):
         if w is None:
-            w = torch.full((B, size), 1.0 / size, dtype=ref.dtype, device=ref.device)
-        w = as_batched(w, 1, wname, name)
-        _check(wname, w, ref, name)
+            w = torch.full((B, size), 1.0 / size, dtype=dtype, device=ref.device)
+        else:
+            w = as_batched(w, 1, wname, name)
+            _check(wname, w, ref, name)
+            w = to_compute(w)
         if w.shape[-1] != size:
             raise ValueError(f"{name}: {wname} must have {size} entries, got {list(w.shape)}.")
-        if bool((w.detach() < 0).any()):
-            raise ValueError(f"{name}: {wname} has negative weights.")
+        check_all(w.detach() >= 0, lambda _, wname=wname: ValueError(f"{name}: {wname} has negative weights."))
         weights.append(w.expand(B, size))
     a, b = weights
     if balanced:
         mass_a, mass_b = a.detach().sum(1), b.detach().sum(1)
-        if bool(((mass_a - mass_b).abs() > 1e-6 * torch.maximum(mass_a, mass_b)).any()):
-            raise ValueError(
-                f"{name}: a and b must have the same total mass in the balanced problem; normalize them, "
-                "or pass rho_a/rho_b for unbalanced transport."
-            )
-        if bool((mass_a <= 0).any()):
-            raise ValueError(f"{name}: a and b must have positive mass.")
+        # 16-bit weights: each mass carries a relative rounding error up to eps / 2
+        low = dtype != ref.dtype
+        tol = torch.finfo(ref.dtype).eps if low else 1e-6
+        check_all((mass_a - mass_b).abs() <= tol * torch.maximum(mass_a, mass_b), lambda _: ValueError(
+            f"{name}: a and b must have the same total mass in the balanced problem; normalize them, "
+            "or pass rho_a/rho_b for unbalanced transport."
+        ))
+        check_all(mass_a > 0, lambda _: ValueError(f"{name}: a and b must have positive mass."))
+        if low:  # equal up to the inputs' rounding: made exactly equal in the compute dtype
+            b = b * (mass_a / mass_b)[:, None]
     return geom, a, b, batched, ref

@@ -31,6 +31,7 @@ import torch
 
 from ..implicit import Adjoint, Implicit, custom_root
 from ..solvers import ConvergenceError, IterativeSolver, LinearSolver, Solution, Status
+from ..solvers._precision import to_output, without_autocast
 from ._api import Envelope
 from ._dual_newton import newton_loop
 from ._geometry import Geometry, matvec, rmatvec
@@ -157,6 +158,11 @@ class QuadraticOTResult(Solution):
         f, g: potentials with ``<a, f> = <b, g>``; ``P_ij = a_i b_j (f_i + g_j - C_ij)_+ / eps``.
         status, stats: per-problem ``Status``; ``num_steps``, ``residual`` (marginal
             error) and ``support`` (fraction of nonzero entries of the plan).
+        potentials: ``(f, g)`` in the compute dtype when it differs from the inputs'
+            (float32 for float16/bfloat16 inputs), else ``None``; ``plan`` uses them.
+
+    ``value``, ``f``, ``g`` and ``plan`` have the inputs' dtype; the cost, weights and
+    ``stats`` are in the compute dtype.
     """
 
     f: torch.Tensor
@@ -166,13 +172,15 @@ class QuadraticOTResult(Solution):
     b: torch.Tensor = dataclasses.field(repr=False)
     epsilon: float = 0.0
     batched: bool = True
+    potentials: tuple[torch.Tensor, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def plan(self) -> torch.Tensor:
         """The plan ``[B, n, m]``, exactly zero off its support."""
-        f, g = (self.f, self.g) if self.batched else (self.f[None], self.g[None])
+        f, g = (self.f, self.g) if self.potentials is None else self.potentials
+        f, g = (f, g) if self.batched else (f[None], g[None])
         p = _plan(self.cost, f, g, self.a, self.b, self.epsilon)
-        return p if self.batched else p[0]
+        return to_output(p if self.batched else p[0], self.f.dtype)
 
 
 def _plan(c, f, g, a, b, eps):
@@ -184,6 +192,7 @@ def _dual_value(c, f, g, a, b, eps):
     return -_dual(c, f, g, a, b, eps)[0]
 
 
+@without_autocast
 def quadratic_ot(
     cost: torch.Tensor | None = None,
     x: torch.Tensor | None = None,
@@ -225,7 +234,9 @@ def quadratic_ot(
         throw: raise ``ConvergenceError`` when a problem does not converge.
 
     Returns:
-        A ``QuadraticOTResult`` (unbatched fields when no input is batched).
+        A ``QuadraticOTResult`` (unbatched fields when no input is batched). Its
+        ``value``, ``f``, ``g`` and ``plan`` have the inputs' dtype: float16 and
+        bfloat16 inputs are solved and differentiated in float32 and cast back.
 
     Example:
         >>> import torch, difflayers as dl
@@ -249,7 +260,7 @@ def quadratic_ot(
         raise TypeError(f"{name}: adjoint must be Envelope() or Implicit(), got {type(adjoint).__name__}.")
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"{name}: epsilon must be a finite number > 0, got {epsilon!r}.")
-    geom, a, b, batched, _ = prepare_problem(name, cost, x, y, a, b, cost_fn, None, balanced=True)
+    geom, a, b, batched, ref = prepare_problem(name, cost, x, y, a, b, cost_fn, None, balanced=True)
     eps = float(epsilon)
     if init is not None:
         init = tuple(t.detach().to(a).expand_as(w) for t, w in zip(init, (a, b)))
@@ -264,10 +275,12 @@ def quadratic_ot(
     with torch.no_grad():
         support = (_plan(c, f, g, a, b, eps) > 0).flatten(1).double().mean(1).to(a.dtype)
     out = (lambda t: t) if batched else (lambda t: t[0])
+    dtype = ref.dtype  # 16-bit inputs were solved in float32: results cast back
     stats = {"num_steps": steps, "residual": err, "support": support}
     result = QuadraticOTResult(
-        out(value), out(status), {k: out(v) for k, v in stats.items()}, f=out(f), g=out(g), cost=c, a=a, b=b,
-        epsilon=eps, batched=batched,
+        to_output(out(value), dtype), out(status), {k: out(v) for k, v in stats.items()}, f=to_output(out(f), dtype),
+        g=to_output(out(g), dtype), cost=c, a=a, b=b, epsilon=eps, batched=batched,
+        potentials=None if dtype == a.dtype else (out(f), out(g)),
     )
     if throw and not bool((status == int(Status.SUCCESS)).all()):
         raise ConvergenceError(name, QuadraticOTResult(value, status, stats, f=f, g=g, cost=c, a=a, b=b, epsilon=eps))

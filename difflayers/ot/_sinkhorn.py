@@ -125,6 +125,7 @@ class Sinkhorn(IterativeSolver):
         omega = self.relaxation
         if omega != 1.0:
             state["g"] = _update_g(geom, log_a, f, float(eps), rho_b)
+        eps0 = None  # the schedule's start, with epsilon_scaling
         if self.epsilon_scaling is not None:
             c_max = torch.stack([c.detach().amax(dim=(1, 2)) for _, _, c in geom.tiles()], 1).amax(1)
             eps0 = torch.maximum(c_max, eps_t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..implicit import Adjoint, Implicit
+from ..solvers._precision import to_compute, to_output
 from ._api import sinkhorn
 from ._sinkhorn import Sinkhorn
 
@@ -18,6 +19,7 @@ def _plan_to_anchors(x: torch.Tensor, epsilon: float, m: int | None, solver, adj
     batched = x.dim() == 2
     if x.dim() not in (1, 2):
         raise ValueError(f"soft_sort/soft_rank: x must be [n] or [B, n], got {list(x.shape)}.")
+    x = to_compute(x)  # 16-bit values are sorted in float32 (the callers cast back)
     xb = x if batched else x[None]
     n = xb.shape[1]
     m = n if m is None else m
@@ -60,7 +62,8 @@ def soft_sort(
         adjoint: ``Implicit()`` (default) or ``Unroll()``.
 
     Returns:
-        ``[m]`` or ``[B, m]`` soft sorted values.
+        ``[m]`` or ``[B, m]`` soft sorted values, in ``x``'s dtype (float16 and
+        bfloat16 are computed in float32 and cast back).
 
     References:
         Cuturi, Teboul and Vert, Differentiable Ranks and Sorting using Optimal
@@ -68,7 +71,7 @@ def soft_sort(
     """
     xb, plan, batched, n, m = _plan_to_anchors(x, epsilon, m, solver, adjoint)
     out = torch.bmm(plan.transpose(1, 2), xb[:, :, None])[:, :, 0] * m
-    return out if batched else out[0]
+    return to_output(out if batched else out[0], x.dtype)
 
 
 def soft_rank(
@@ -89,13 +92,14 @@ def soft_rank(
         x, epsilon, m, solver, adjoint: as in ``soft_sort``.
 
     Returns:
-        Soft ranks shaped like ``x``.
+        Soft ranks shaped like ``x``, in its dtype (float16 and bfloat16 are computed
+        in float32 and cast back).
 
     References:
         Cuturi, Teboul and Vert, Differentiable Ranks and Sorting using Optimal
         Transport (2019), arXiv:1905.11885.
     """
     xb, plan, batched, n, m = _plan_to_anchors(x, epsilon, m, solver, adjoint)
-    cumulative = torch.arange(1, m + 1, dtype=x.dtype, device=x.device) / m
+    cumulative = torch.arange(1, m + 1, dtype=xb.dtype, device=x.device) / m
     ranks = n * n * torch.bmm(plan, cumulative.expand(xb.shape[0], m)[:, :, None])[:, :, 0]
-    return ranks if batched else ranks[0]
+    return to_output(ranks if batched else ranks[0], x.dtype)

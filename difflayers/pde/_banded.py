@@ -60,7 +60,7 @@ class BlockTridiagonalOperator(LinearOperator):
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         batch, m, s = x.shape[0], self.diag.shape[1], self.diag.shape[2]
         full = self._embed(x).reshape(batch, m, s)
-        return self._restrict(self.full_mv(full).reshape(batch, -1))
+        return self._restrict(self.full_mv(full).reshape(batch, m * s))
 
     def transpose(self) -> BlockTridiagonalOperator:
         return self
@@ -96,7 +96,7 @@ class BlockCholeskyFactorization:
         for j in reversed(range(m)):  # back substitution, L^T x = y
             r = y[j] if j == m - 1 else y[j] - torch.einsum("blk,bl->bk", self.sub[:, j], x[j + 1])
             x[j] = torch.linalg.solve_triangular(self.chol[:, j].transpose(-1, -2), r[..., None], upper=True)[..., 0]
-        value = op._restrict(torch.stack(x, dim=1).reshape(batch, -1))
+        value = op._restrict(torch.stack(x, dim=1).reshape(batch, m * s))
         residual = batch_norm(b - op.mv(value))
         status = torch.where(torch.isfinite(value).all(dim=1), int(Status.SUCCESS), int(Status.NONFINITE))
         status = torch.where(self.info != 0, int(Status.BREAKDOWN), status).to(torch.int64)

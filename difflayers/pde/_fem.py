@@ -82,6 +82,11 @@ class ElasticityQ4:
                  E0: float = 1.0, Emin: float = 1e-9, nu: float = 0.3):
         if nelx < 1 or nely < 1:
             raise ValueError(f"ElasticityQ4: nelx and nely must be >= 1; got {nelx}, {nely}.")
+        if not (penal > 0 and E0 > 0 and 0 <= Emin < E0 and -1 < nu <= 0.5):
+            raise ValueError(
+                f"ElasticityQ4: need penal > 0, E0 > 0, 0 <= Emin < E0 and -1 < nu <= 0.5 (a positive definite "
+                f"stiffness); got penal={penal!r}, E0={E0!r}, Emin={Emin!r}, nu={nu!r}."
+            )
         self.nelx, self.nely = nelx, nely
         self.penal, self.E0, self.Emin = float(penal), float(E0), float(Emin)
         self.ndof = 2 * (nelx + 1) * (nely + 1)
@@ -153,7 +158,7 @@ class ElasticityQ4:
             )
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        xe = x.transpose(-1, -2).reshape(x.shape[0], -1)
+        xe = x.transpose(-1, -2).reshape(x.shape[0], self.nelx * self.nely)
         return self.Emin + xe.pow(self.penal) * (self.E0 - self.Emin)
 
     def full(self, u_free: torch.Tensor) -> torch.Tensor:
@@ -167,7 +172,7 @@ class ElasticityQ4:
         ue = self.full(u_free)[:, self.edof]  # [B, n_el, 8]
         fe = (ue @ self.KE) * E[..., None]  # K_e is symmetric
         out = u_free.new_zeros(u_free.shape[0], self.ndof)
-        out = out.index_add(1, self.edof.flatten(), fe.reshape(u_free.shape[0], -1))
+        out = out.index_add(1, self.edof.flatten(), fe.reshape(u_free.shape[0], fe.shape[1:].numel()))
         return out[:, self.free]
 
     def residual(self, u_free: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +183,7 @@ class ElasticityQ4:
         """Dense ``K(x)`` on the free degrees of freedom, ``[B, n_free, n_free]``."""
         E = self.moduli(x)
         batch = E.shape[0]
-        values = (E[:, :, None, None] * self.KE).reshape(batch, -1)[:, self._keep]
+        values = (E[:, :, None, None] * self.KE).reshape(batch, E.shape[1] * 64)[:, self._keep]
         nf = self.free.numel()
         K = values.new_zeros(batch, nf * nf).index_add(1, self._target, values).reshape(batch, nf, nf)
         return DenseOperator(K, symmetric=True, positive_definite=True)
@@ -193,7 +198,7 @@ class ElasticityQ4:
         E = self.moduli(x)
         batch = E.shape[0]
         m, size = self._block_shape
-        values = (E[:, :, None, None] * self.KE).reshape(batch, -1)[:, self._block_keep]
+        values = (E[:, :, None, None] * self.KE).reshape(batch, E.shape[1] * 64)[:, self._block_keep]
         flat = values.new_zeros(batch, (2 * m - 1) * size * size).index_add(1, self._block_target, values)
         flat = flat.index_add(1, self._block_unit, flat.new_ones(batch, self._block_unit.numel()))
         diag = flat[:, : m * size * size].reshape(batch, m, size, size)

@@ -31,7 +31,7 @@ class Robin:
     Args:
         alpha: weight of ``u`` (>= 0).
         beta: weight of the normal flux ``k du/dn`` (>= 0); ``alpha + beta > 0``.
-        value: the right-hand side.
+        value: the right-hand side (a finite float, or a tensor).
     """
 
     alpha: float
@@ -44,6 +44,8 @@ class Robin:
                 f"Robin: need alpha >= 0, beta >= 0 and alpha + beta > 0; got alpha={self.alpha!r}, "
                 f"beta={self.beta!r}."
             )
+        if not isinstance(self.value, torch.Tensor) and not math.isfinite(self.value):
+            raise ValueError(f"Robin: value must be finite; got {self.value!r}. Use a finite boundary value.")
 
     def homogeneous(self) -> Robin:
         """The same condition with ``value = 0`` (the linear part of the operator)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Callable
 
@@ -25,6 +26,7 @@ from ..solvers import (
     Status,
     batch_norm,
 )
+from ..solvers._precision import to_compute, to_output, without_autocast
 from ._banded import BlockCholeskyFactorization
 from ._grid import Grid
 from ._multigrid import Preconditioned
@@ -40,16 +42,37 @@ class _Flat:
 
     def __init__(self, residual: Residual, event: tuple[int, ...]):
         self.residual, self.event = residual, event
+        self.evaluated = False
 
     def __call__(self, z: torch.Tensor, *theta: torch.Tensor) -> torch.Tensor:
         u = z.reshape(z.shape[0], *self.event)
-        out = self.residual(u, *theta)
+        if self.evaluated:
+            out = self.residual(u, *theta)
+        else:
+            out = self._first_call(u, theta)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(u.shape):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
                 f"PDELayer: the residual returned {got}; it must return a tensor shaped like u {tuple(u.shape)}."
             )
-        return out.reshape(z.shape[0], -1)
+        return out.reshape(z.shape[0], out.shape[1:].numel())  # not -1: ambiguous for an empty batch
+
+    def _first_call(self, u: torch.Tensor, theta) -> torch.Tensor:
+        """Evaluate once with torch's shape errors restated in terms of the arguments
+        (a ``theta`` whose shape does not fit ``u`` fails inside the residual)."""
+        try:
+            out = self.residual(u, *theta)
+        except RuntimeError as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            shapes = ", ".join(str(tuple(t.shape)) for t in theta)
+            raise ValueError(
+                f"PDELayer: the residual failed on its first evaluation, with u of shape {tuple(u.shape)} and theta "
+                f"of shapes [{shapes}]: {error}; check that every theta has the shape (and dtype) the residual expects (a "
+                f"batched theta needs the batch size {u.shape[0]} of u0 as its leading dimension)."
+            ) from error
+        self.evaluated = True
+        return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,10 +166,20 @@ class PDELayer(torch.nn.Module):
     ``M ~ J^-1`` per call (``Jacobi``, ``Multigrid``), used by every Newton system and
     by the adjoint solve.
 
+    **Precision.** ``u*`` has ``u0``'s dtype (that of the floating ``theta`` when ``u0``
+    is omitted); floating ``theta`` must share it. float64 and float32 are solved as
+    given; float16 and bfloat16 ``u0`` and ``theta`` are cast to float32, solved and
+    differentiated there (``residual``, ``preconditioner`` and ``jacobian`` see float32
+    tensors), and ``u*`` is cast back. Non-floating ``theta`` (masks, indices) pass
+    through unchanged.
+
     **Failures.** Each sample has a ``Status``. With ``throw=True`` (default) a failed
     sample raises ``ConvergenceError`` naming it. With ``throw=False`` the layer warns,
     returns the last iterate of failed samples *detached* (their gradient is zero, never
-    NaN) and, with ``return_solution=True``, the per-sample statuses.
+    NaN) and, with ``return_solution=True``, the per-sample statuses. A residual that
+    turns NaN/Inf (a vanishing coefficient not declared in ``positive=``) gives
+    ``NONFINITE``, a singular Jacobian ``BREAKDOWN``, ``max_steps=0`` returns ``u0`` with
+    ``MAX_STEPS``; an empty batch (``B = 0``) gives an empty result.
 
     Args:
         residual: ``R(u, *theta)``, same shape as ``u``.
@@ -252,7 +285,10 @@ class PDELayer(torch.nn.Module):
                 raise ValueError("PDELayer: pass u0=... (the initial guess [B, ...]) or build the layer with grid=.")
             ref = next((t for t in theta if t.is_floating_point()), None)
             if ref is None:
-                raise ValueError("PDELayer: cannot infer dtype and device without a floating-point theta; pass u0.")
+                raise TypeError(
+                    f"PDELayer: no floating-point theta to take the dtype from (got dtypes {[t.dtype for t in theta]}); "
+                    "pass floating-point coefficients, or u0=."
+                )
             batch = max([t.shape[0] for t in theta if t.dim() == self.grid.ndim + 1] or [1])
             u0 = torch.zeros((batch, *self.grid.shape), dtype=ref.dtype, device=ref.device)
         if not isinstance(u0, torch.Tensor) or not u0.is_floating_point() or u0.dim() < 1:
@@ -288,13 +324,14 @@ class PDELayer(torch.nn.Module):
             bad = [i for i in self.positive if not bool((theta[i] > 0).all())]
             raise ValueError(
                 f"PDELayer: theta{bad} must be strictly positive everywhere (a diffusion coefficient); got a "
-                "minimum of " + ", ".join(f"{float(theta[i].min()):.3g}" for i in bad)
+                "minimum of " + ", ".join(f"{float(theta[i].detach().min()):.3g}" for i in bad)
                 + ". Parametrize it as exp(log_k) or clamp it away from zero."
             )
         return u0
 
     # ------------------------------------------------------------------ forward
 
+    @without_autocast
     def forward(self, *theta: torch.Tensor, u0: torch.Tensor | None = None, return_solution: bool = False):
         """Solve ``R(u, *theta) = 0`` from ``u0``.
 
@@ -313,10 +350,13 @@ class PDELayer(torch.nn.Module):
                 non-positive coefficients.
         """
         u0 = self._check(theta, u0)
+        # 16-bit inputs are solved in float32 and u* cast back (solvers._precision)
+        dtype = u0.dtype
+        u0, theta = to_compute(u0), tuple(to_compute(t) for t in theta)
         batch, event = u0.shape[0], tuple(u0.shape[1:])
         flat = _Flat(self.residual, event)
         problem = RootProblem(flat, symmetric=self.symmetric)
-        z0 = u0.reshape(batch, -1)
+        z0 = u0.reshape(batch, math.prod(event))  # not -1: ambiguous for an empty batch
         track = torch.is_grad_enabled()
 
         precond = None
@@ -367,7 +407,7 @@ class PDELayer(torch.nn.Module):
                 + ", ".join(sorted({Status(int(s)).name for s in sol.status[~ok].tolist()}))
                 + "); they are returned detached, with zero gradient.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,  # past without_autocast's frame
             )
         if track and isinstance(self.adjoint, Implicit):
             lin = self.adjoint.linear_solver
@@ -386,7 +426,7 @@ class PDELayer(torch.nn.Module):
             z_out = z
         if not all_ok:
             z_out = torch.where(ok[:, None], z_out, z.detach())
-        u = z_out.reshape(u0.shape)
+        u = to_output(z_out.reshape(u0.shape), dtype)
         if return_solution:
             return Solution(value=u, status=sol.status, stats=sol.stats)
         return u

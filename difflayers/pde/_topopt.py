@@ -87,12 +87,27 @@ def compliance(fem: ElasticityQ4, x: torch.Tensor, layer: PDELayer | None = None
 
     Args:
         fem: the discretization.
-        x: physical densities ``[B, nely, nelx]``.
+        x: physical densities ``[B, nely, nelx]`` (or ``[nely, nelx]``), ``>= 0``, in ``fem``'s dtype.
         layer: a ``compliance_layer(fem)`` to reuse (built when ``None``).
+
+    Raises:
+        TypeError: ``x`` and ``fem`` have different dtypes.
+        ValueError: a negative density, NaN/Inf densities (from ``PDELayer``), a wrong shape.
     """
     layer = compliance_layer(fem) if layer is None else layer
     if x.dim() == 2:
         x = x.unsqueeze(0)
+    # 16-bit densities are left to PDELayer's precision handling
+    if x.dtype != fem.force.dtype and x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"compliance: x has dtype {x.dtype} but the discretization has {fem.force.dtype}; cast x, or build "
+            f"the ElasticityQ4 with dtype={x.dtype}."
+        )
+    if x.numel() and bool((x.detach() < 0).any()):  # one host sync; NaN is PDELayer's to report
+        raise ValueError(
+            f"compliance: densities must be >= 0 (SIMP moduli Emin + x^p (E0 - Emin)); got a minimum of "
+            f"{float(x.detach().min()):.3g}. Clamp x to [0, 1] or parametrize it with a sigmoid."
+        )
     u0 = x.new_zeros(x.shape[0], fem.free.numel())
     return fem.compliance(layer(x, u0=u0))
 
@@ -185,6 +200,10 @@ def topology_optimization(fem: ElasticityQ4, *, volfrac: float = 0.5, rmin: floa
     Returns:
         ``TopologyResult``.
 
+    Raises:
+        ValueError: ``volfrac`` outside ``(0, 1)``, ``rmin <= 0``, an unknown ``filter``,
+            ``max_iterations < 1`` or ``batch < 1``.
+
     Example:
         >>> result = topology_optimization(ElasticityQ4.cantilever(16, 8), volfrac=0.4, max_iterations=5)
         >>> result.history.shape, bool(result.history[-1, 0] < result.history[0, 0])
@@ -197,6 +216,9 @@ def topology_optimization(fem: ElasticityQ4, *, volfrac: float = 0.5, rmin: floa
         raise ValueError(f"topology_optimization: filter must be 'sensitivity' or 'density'; got {filter!r}.")
     if not 0.0 < volfrac < 1.0:
         raise ValueError(f"topology_optimization: volfrac must be in (0, 1); got {volfrac!r}.")
+    for name, value in (("max_iterations", max_iterations), ("batch", batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"topology_optimization: {name} must be an int >= 1; got {value!r}.")
     dtype, device = fem.force.dtype, fem.force.device
     H = DensityFilter(fem.nelx, fem.nely, rmin, dtype, device)
     layer = compliance_layer(fem)

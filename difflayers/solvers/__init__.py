@@ -23,6 +23,7 @@ from ._operator import (
     MatvecOperator,
     aslinearoperator,
 )
+from ._precision import compute_dtype
 from ._problem import FixedPointProblem, LeastSquaresProblem, MinimizeProblem, Problem, RootProblem
 from ._solution import ConvergenceError, Solution, Status
 
@@ -37,6 +38,8 @@ __all__ = [
     "default_tolerances",
     "batch_norm",
     "batch_dot",
+    # precision
+    "compute_dtype",
     # linear operators
     "LinearOperator",
     "DenseOperator",

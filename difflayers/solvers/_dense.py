@@ -21,7 +21,9 @@ def _matrix(operator, like: torch.Tensor) -> torch.Tensor:
 def _solution(matrix: torch.Tensor, b: torch.Tensor, x: torch.Tensor, info: torch.Tensor | None) -> Solution:
     """Per-sample status and ``||b - A x||`` of a direct solve (no host sync)."""
     residual = batch_norm(b - torch.einsum("bij,bj->bi", matrix, x))
-    status = torch.where(torch.isfinite(x).all(dim=1), int(Status.SUCCESS), int(Status.NONFINITE))
+    # a finite x can still come from an infinite matrix (x = b / inf = 0): the residual tells
+    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(residual)
+    status = torch.where(finite, int(Status.SUCCESS), int(Status.NONFINITE))
     if info is not None:  # a failed factorization explains the NaN/Inf it produces
         status = torch.where(info != 0, int(Status.BREAKDOWN), status)
     num_steps = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
@@ -150,7 +152,7 @@ class LSTSQ(LinearSolver):
     is a least-squares solution, and ``stats["residual"]`` tells how far from
     consistent the system is. The status is SUCCESS whenever the result is finite:
     the least-squares problem always has a solution, so judge consistency by the
-    residual. On CPU the rank-revealing ``gelsy`` driver handles rank deficiency; on
+    residual. A sample whose matrix holds NaN/Inf gets ``Status.NONFINITE``. On CPU the rank-revealing ``gelsy`` driver handles rank deficiency; on
     CUDA PyTorch only offers ``gels``, which assumes full rank. ``x0`` and
     ``preconditioner`` are ignored.
 
@@ -178,5 +180,11 @@ class LSTSQ(LinearSolver):
     def solve(self, operator, b, *, x0=None, preconditioner=None) -> Solution:
         check_rhs(b, x0)
         matrix = _matrix(operator, b)
-        x = torch.linalg.lstsq(matrix, b[:, :, None], rcond=self.rcond).solution[:, :, 0]
+        # LAPACK's drivers reject non-finite input (an internal error, not a result): solve a
+        # stand-in for those samples and report them NONFINITE.
+        finite = torch.isfinite(matrix).flatten(1).all(1)
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        safe = torch.where(finite[:, None, None], matrix, eye)
+        x = torch.linalg.lstsq(safe, b[:, :, None], rcond=self.rcond).solution[:, :, 0]
+        x = torch.where(finite[:, None], x, float("nan"))
         return _solution(matrix, b, x, None)

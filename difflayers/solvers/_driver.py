@@ -14,6 +14,12 @@ running), so a GPU runs ``check_every`` steps without stalling. Samples that hav
 converged or failed are frozen with ``torch.where``: their state no longer changes,
 which keeps results independent of what the rest of the batch is doing.
 
+With ``check_every >= max_steps`` the whole budget is one block and there is nothing
+to stop early, so ``iterate`` reads nothing from the device at all: every sample takes
+its ``max_steps`` steps (or is frozen where it converged), statuses and counts are
+still computed on the device. This fixed-iteration mode is what ``torch.compile``
+(``fullgraph=True``) and CUDA graphs can capture.
+
 A solver reports a failure detected inside ``step`` (a Krylov breakdown, a singular
 least-squares system) by writing a ``Status`` code into ``state["failure"]`` (an int64
 tensor ``[B]``, 0 meaning none); the driver then freezes that sample with that status.
@@ -40,6 +46,9 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     Chosen near the accuracy each floating-point type can actually reach on a
     well-conditioned problem, so that implicit gradients are as accurate as the dtype
     allows: float64 -> (1e-10, 1e-12), float32 -> (1e-5, 1e-7), 16-bit -> (1e-2, 1e-3).
+    The public entry points (``fixed_point``, ``linear_solve``, the layers) solve 16-bit
+    inputs in float32 (see ``compute_dtype``), so they use the float32 tolerances; the
+    16-bit row applies only to a solver's ``solve`` called directly on 16-bit tensors.
     """
     if dtype == torch.float64:
         return 1e-10, 1e-12
@@ -50,7 +59,8 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
 
 def batch_norm(x: torch.Tensor) -> torch.Tensor:
     """Euclidean norm of each sample of a ``[B, ...]`` tensor, shape ``[B]``."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
+    # explicit sizes: reshape(B, -1) is ambiguous for an empty batch
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], x.shape[1:].numel()), dim=1)
 
 
 def batch_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -66,8 +76,12 @@ class IterativeSolver:
         rtol: relative tolerance; ``None`` picks a dtype-dependent default
             (see ``default_tolerances``).
         atol: absolute tolerance; ``None`` picks a dtype-dependent default.
-        max_steps: iteration budget per sample.
-        check_every: steps between two convergence checks (the only host syncs).
+        max_steps: iteration budget per sample; ``max_steps=0`` returns the initial point
+            with ``Status.MAX_STEPS`` (``SUCCESS`` where it already meets the tolerance,
+            ``NONFINITE`` where it is not finite).
+        check_every: steps between two convergence checks (the only host syncs);
+            ``check_every >= max_steps`` runs a fixed number of iterations with no
+            host synchronization (see ``iterate``).
     """
 
     rtol: float | None = None
@@ -118,7 +132,9 @@ def iterate(
         state: the initial state; every tensor has leading dimension ``B``.
         rtol, atol: convergence when ``err <= atol + rtol * scale``.
         max_steps: iteration budget.
-        check_every: steps between two checks.
+        check_every: steps between two checks. With ``check_every >= max_steps``
+            nothing is read from the device: ``max_steps`` steps run (converged
+            samples frozen), so that the loop can be compiled or captured.
         checkpoint: recompute each block of ``check_every`` steps in the backward pass
             instead of storing it (``torch.utils.checkpoint``); used by unrolled
             differentiation of long loops.
@@ -149,16 +165,30 @@ def iterate(
     active = torch.ones(batch, dtype=torch.bool, device=device)
     err, active, status = check(state, active, status)
     taken = 0
-    while taken < max_steps:
-        n_active = int(active.sum())  # the host sync of this check
-        if n_active == 0:
-            break
+    # one block holds the whole budget: no early exit to decide, hence no host read
+    fixed = check_every >= max_steps
+    while taken < max_steps and batch > 0:  # an empty batch has nothing to run
+        if fixed:
+            n_active = None  # unknown on the host
+        else:
+            n_active = int(active.sum())  # the host sync of this check
+            if n_active == 0:
+                break
         block = min(check_every, max_steps - taken)
 
-        def run_block(state, active=active, all_active=(n_active == batch), block=block):
+        def run_block(state, active=active, n_active=n_active, block=block):
+            if n_active is None:
+                # Every sample steps and the ones done before the block get their state
+                # back at its end (samples do not interact, so the others are unchanged).
+                # One select instead of one per step: chains of per-step selects are what
+                # a compiler inlines into ever larger expressions.
+                start = state
+                for _ in range(block):
+                    state = step(state)
+                return _where(active, state, start)
             for _ in range(block):
                 new = step(state)
-                state = new if all_active else _where(active, new, state)
+                state = new if n_active == batch else _where(active, new, state)
             return state
 
         if checkpoint and torch.is_grad_enabled():

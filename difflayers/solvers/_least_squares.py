@@ -36,7 +36,11 @@ __all__ = ["GaussNewton", "LevenbergMarquardt"]
 
 
 def _residual_fn(problem: LeastSquaresProblem, params) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda z: problem.residuals(z, params).reshape(z.shape[0], -1)
+    return lambda z: _flat(problem.residuals(z, params))
+
+
+def _flat(r: torch.Tensor) -> torch.Tensor:
+    return r.reshape(r.shape[0], r.shape[1:].numel())  # not -1: ambiguous for an empty batch
 
 
 def _dense_jacobian(fn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

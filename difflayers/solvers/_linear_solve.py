@@ -14,6 +14,7 @@ from ._gmres import GMRES
 from ._linear import LinearSolver, check_rhs
 from ._minres import MINRES
 from ._operator import DenseOperator, LinearOperator, aslinearoperator
+from ._precision import explain_upcast, to_compute, to_output, without_autocast
 from ._solution import Solution
 
 __all__ = ["linear_solve", "Auto"]
@@ -114,22 +115,41 @@ def _check_matrix(name: str, matrix: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return matrix
 
 
+def _shape_checked(name: str, matvec: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``matvec`` with a check that it maps ``[B, n]`` to ``[B, n]`` (a shape comparison, no host sync)."""
+
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        out = matvec(x)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise ValueError(
+                f"linear_solve: the matvec {name} returned {got} for x of shape {tuple(x.shape)}; it must return "
+                f"A x shaped like x ([B, n] with n = b.shape[1]). Check the size of the operator against b."
+            )
+        return out
+
+    return checked
+
+
 def _as_operator(name: str, A, b: torch.Tensor, symmetric: bool, positive_definite: bool) -> LinearOperator:
     if isinstance(A, DenseOperator):
-        matrix = _check_matrix(name, A.matrix, b)
+        matrix = to_compute(_check_matrix(name, A.matrix, b))
         if matrix is not A.matrix:
             A = DenseOperator(matrix, symmetric=A.symmetric, positive_definite=A.positive_definite)
         return aslinearoperator(A, symmetric=symmetric, positive_definite=positive_definite)
     if isinstance(A, torch.Tensor):
-        A = _check_matrix(name, A, b)
+        A = to_compute(_check_matrix(name, A, b))
     elif not (isinstance(A, LinearOperator) or callable(A)):
         raise TypeError(
             f"linear_solve: {name} must be a LinearOperator, a tensor of shape [B, n, n] or [n, n], or a "
             f"callable matvec x [B, n] -> A x [B, n]; got {type(A).__name__}."
         )
+    elif not isinstance(A, LinearOperator):
+        A = _shape_checked(name, explain_upcast("linear_solve", f"the matvec {name}", A, b.dtype))
     return aslinearoperator(A, symmetric=symmetric, positive_definite=positive_definite)
 
 
+@without_autocast
 def linear_solve(
     A: OperatorLike,
     b: torch.Tensor,
@@ -163,12 +183,24 @@ def linear_solve(
 
     Returns:
         ``Solution`` with ``value`` ``x`` ``[B, n]``, ``status`` ``[B]`` and ``stats``
-        (``num_steps``, ``residual = ||b - A x||``).
+        (``num_steps``, ``residual = ||b - A x||``). An empty batch (``B = 0``) gives an
+        empty ``Solution``; an iterative solver with ``max_steps=0`` returns the initial
+        guess with ``Status.MAX_STEPS`` (``SUCCESS`` where it already meets the tolerance).
+        ``x`` has ``b``'s dtype.
+
+    Precision: float64 and float32 systems are solved as given. float16 and bfloat16
+    ``b`` (with a dense ``A``, ``x0`` and a dense preconditioner of the same dtype) are
+    cast to float32, solved with float32 tolerances, and ``x`` is cast back; gradients
+    reach them in their own dtype. A matvec callable or operator is then applied to
+    float32 vectors (and must return float32). Integer ``b`` raises ``TypeError``.
 
     Raises:
         TypeError: ``A`` is not an operator, tensor or callable; ``solver`` is not a
             ``LinearSolver`` instance; dtypes differ.
-        ValueError: shapes or devices disagree; ``b`` or a dense ``A`` holds NaN/Inf.
+        ValueError: shapes or devices disagree (also a matvec that does not return ``[B, n]``);
+            ``b``, ``x0``, a dense ``A`` or a dense preconditioner holds NaN/Inf. A matvec
+            that produces NaN/Inf is not checked up front: those samples end with
+            ``Status.NONFINITE`` (``Status.BREAKDOWN`` when a dense factorization fails on it).
         ConvergenceError: with ``throw=True``, naming the failed samples.
 
     Example:
@@ -193,5 +225,10 @@ def linear_solve(
     operator = _as_operator("A", A, b, symmetric, positive_definite)
     M = None if preconditioner is None else _as_operator("preconditioner", preconditioner, b, False, False)
     _check_finite("b", b)
-    sol = solver.solve(operator, b, x0=x0, preconditioner=M)
-    return sol.raise_if_failed("linear_solve") if throw else sol
+    if x0 is not None:
+        _check_finite("x0", x0)
+    dtype = b.dtype  # 16-bit systems are solved in float32, x cast back (see _precision)
+    sol = solver.solve(operator, to_compute(b), x0=to_compute(x0), preconditioner=M)
+    if throw:
+        sol.raise_if_failed("linear_solve")
+    return sol if sol.value.dtype == dtype else dataclasses.replace(sol, value=to_output(sol.value, dtype))

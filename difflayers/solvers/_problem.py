@@ -108,7 +108,7 @@ class LeastSquaresProblem:
 
     def objective(self, z: torch.Tensor, params: Params) -> torch.Tensor:
         r = self.fn(z, *params)
-        return 0.5 * r.reshape(r.shape[0], -1).square().sum(dim=1)
+        return 0.5 * r.reshape(r.shape[0], r.shape[1:].numel()).square().sum(dim=1)
 
     def root(self, z: torch.Tensor, params: Params) -> torch.Tensor:
         r, pullback = vjp(lambda z: self.fn(z, *params), z)

@@ -148,6 +148,8 @@ class Solution:
         ok = int(self.converged.sum())
         total = self.status.numel()
         parts = [f"{ok}/{total} converged"]
+        if total == 0:  # an empty batch: no steps or residuals to summarize
+            return parts[0]
         if "num_steps" in self.stats:
             parts.append(f"steps <= {int(self.stats['num_steps'].max())}")
         if "residual" in self.stats:
