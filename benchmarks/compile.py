@@ -23,9 +23,10 @@ of docs/compile.md says so. Cases (fixed seeds):
 
 For 1 and 2 torch threads (CPU), each case is compiled afresh with inductor's default
 mode and its caches off; "compile (s)" is the first call's time minus a steady call's.
-Times are medians over ``repeats`` calls; "max rel. diff." compares the compiled outputs
-(values and gradients) with eager ones. With CUDA, a CUDA-graph row
-(``mode="reduce-overhead"``) is added; without CUDA it is listed as skipped.
+Times are medians over ``repeats`` calls after ``WARMUP`` untimed ones; "max rel. diff."
+compares the compiled outputs (values and gradients) with eager ones. With CUDA, a
+CUDA-graph row per case (``mode="reduce-overhead"``) is added; without CUDA one row says
+it was skipped.
 
 Run: ``python -m benchmarks.run compile [--quick]`` or ``python -m benchmarks.compile``.
 """
@@ -44,6 +45,10 @@ import torch._dynamo
 import difflayers as dl
 
 from ._harness import environment, measure
+
+# untimed calls before the timed ones: eager runs that allocate large temporaries take a
+# few calls to reach their steady speed (the C allocator's thresholds adapt)
+WARMUP = 3
 
 
 @dataclasses.dataclass
@@ -92,7 +97,7 @@ def _time_compiled(case: Case, device: torch.device, repeats: int, mode: str) ->
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first = time.perf_counter() - start
-    seconds, _ = measure(lambda: _call(case, compiled), device, repeats)
+    seconds, _ = measure(lambda: _call(case, compiled), device, repeats, warmup=WARMUP)
     diff = _rel_diff(_call(case, compiled), _call(case, case.fn))
     del out
     return seconds, max(first - seconds, 0.0), diff
@@ -113,7 +118,8 @@ def _fixed_point_cases(device, quick) -> list[Case]:
 
     def loss(adjoint):
         def fn(x, W):
-            return dl.fixed_point(T, torch.zeros_like(x), x, W, solver=solver, adjoint=adjoint, throw=False).square().sum()
+            z = dl.fixed_point(T, torch.zeros_like(x), x, W, solver=solver, adjoint=adjoint, throw=False)
+            return z.square().sum()
 
         return fn
 
@@ -145,7 +151,8 @@ def _sinkhorn_cases(device, quick, repeats) -> list[Case]:
         name = f"Sinkhorn, {label}, n=m={n}, {iters} it."
         for pass_, wrt in (("forward", ()), ("forward + backward", (0,))):
             reference = Case(name, pass_, make(kernel), inputs, wrt=wrt)
-            kernel_s, _ = measure(lambda reference=reference: _call(reference, reference.fn), device, repeats)
+            kernel_s, _ = measure(lambda reference=reference: _call(reference, reference.fn), device, repeats,
+                                  warmup=WARMUP)
             cases.append(Case(name, pass_, make(log_domain), inputs, wrt=wrt,
                               note=f"eager stabilized kernel: {1e3 * kernel_s:.1f} ms"))
     return cases
@@ -180,7 +187,7 @@ def _qp_cases(device, quick) -> list[Case]:
 def _run_cases(cases: list[Case], device: torch.device, repeats: int, threads: str) -> list[Result]:
     results = []
     for case in cases:
-        eager, _ = measure(lambda case=case: _call(case, case.fn), device, repeats)
+        eager, _ = measure(lambda case=case: _call(case, case.fn), device, repeats, warmup=WARMUP)
         compiled, compile_s, diff = _time_compiled(case, device, repeats, "default")
         results.append(Result(case, threads, eager, compiled, compile_s, diff))
         if device.type == "cuda":

@@ -7,9 +7,10 @@ also does; ``"eager"``: Dynamo's capture alone, for the longest traces) and comp
 with the eager result in float64. What cannot be one graph is asserted to fail with
 its documented reason, so the table in docs/compile.md stays true:
 
-* ``Implicit()`` adjoints (``fixed_point``, ``sinkhorn``, ``QPLayer``): Dynamo in torch
-  2.13 does not trace an ``autograd.Function`` that defines ``jvp`` (forward mode);
-  with ``fullgraph=False`` the solve compiles and the Function runs eagerly.
+* ``Implicit()`` adjoints (checked for ``fixed_point`` and ``QPLayer``; ``sinkhorn``'s
+  goes through the same Function): Dynamo in torch 2.13 does not trace an
+  ``autograd.Function`` that defines ``jvp`` (forward mode); with ``fullgraph=False``
+  the solve compiles and the Function runs eagerly.
 * ``Sinkhorn(kernel=...)`` stabilized-kernel iterations: re-absorbing the scalings and
   the log-domain fallback after an overflow are host decisions on the data.
 """
