@@ -32,6 +32,7 @@ from ..solvers import (
     batch_norm,
 )
 from ..solvers._precision import explain_upcast, to_compute, to_output, without_autocast
+from ..solvers._problem import first_evaluation
 from ..solvers._solution import ConvergenceError
 from ..solvers._tracing import compiling
 from ._adjoint import Adjoint, CheckpointedUnroll, Implicit, OneStep, Truncated, Unroll
@@ -123,22 +124,10 @@ class _Flat:
         return z.reshape((self.batch, *self.event) if self.batched else self.event)
 
     def _first_call(self, z: torch.Tensor, params) -> torch.Tensor:
-        """Evaluate once with torch's shape errors restated in terms of the arguments
-        (a parameter whose shape does not fit ``z0`` fails inside the user's function)."""
-        u = self.unflatten(z)
-        try:
-            out = self.fn(u, *params)
-        except RuntimeError as error:
-            if isinstance(error, torch.OutOfMemoryError):
-                raise
-            shapes = ", ".join(str(tuple(p.shape)) for p in params)
-            raise ValueError(
-                f"{self.name}: {self.what}(z, *params) failed on its first evaluation, with z of shape "
-                f"{tuple(u.shape)} and params of shapes [{shapes}]: {error}; check that every param has the "
-                f"shape (and dtype) {self.what} expects"
-                + (f" (a batched param needs the batch size {self.batch} of z0 as its leading dimension)."
-                   if self.batched else ".")
-            ) from error
+        """Evaluate once with torch's shape errors restated in terms of the arguments."""
+        out = first_evaluation(self.fn, self.unflatten(z), params, owner=self.name, what=f"{self.what}(z, *params)",
+                               expects=self.what, arg="z", params_name="params", each="param",
+                               batch=self.batch if self.batched else None, start="z0")
         self.evaluated = True
         return out
 

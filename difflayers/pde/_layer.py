@@ -27,6 +27,7 @@ from ..solvers import (
     batch_norm,
 )
 from ..solvers._precision import to_compute, to_output, without_autocast
+from ..solvers._problem import first_evaluation
 from ._banded import BlockCholeskyFactorization
 from ._grid import Grid
 from ._multigrid import Preconditioned
@@ -58,19 +59,10 @@ class _Flat:
         return out.reshape(z.shape[0], out.shape[1:].numel())  # not -1: ambiguous for an empty batch
 
     def _first_call(self, u: torch.Tensor, theta) -> torch.Tensor:
-        """Evaluate once with torch's shape errors restated in terms of the arguments
-        (a ``theta`` whose shape does not fit ``u`` fails inside the residual)."""
-        try:
-            out = self.residual(u, *theta)
-        except RuntimeError as error:
-            if isinstance(error, torch.OutOfMemoryError):
-                raise
-            shapes = ", ".join(str(tuple(t.shape)) for t in theta)
-            raise ValueError(
-                f"PDELayer: the residual failed on its first evaluation, with u of shape {tuple(u.shape)} and theta "
-                f"of shapes [{shapes}]: {error}; check that every theta has the shape (and dtype) the residual expects (a "
-                f"batched theta needs the batch size {u.shape[0]} of u0 as its leading dimension)."
-            ) from error
+        """Evaluate once with torch's shape errors restated in terms of the arguments."""
+        out = first_evaluation(self.residual, u, theta, owner="PDELayer", what="the residual",
+                               expects="the residual", arg="u", params_name="theta", each="theta",
+                               batch=u.shape[0], start="u0")
         self.evaluated = True
         return out
 

@@ -23,9 +23,40 @@ from torch.func import grad, vjp
 
 from ._driver import batch_norm
 
-__all__ = ["FixedPointProblem", "RootProblem", "MinimizeProblem", "LeastSquaresProblem", "Problem"]
+__all__ = ["FixedPointProblem", "RootProblem", "MinimizeProblem", "LeastSquaresProblem", "Problem",
+           "first_evaluation"]
 
 Params = tuple[torch.Tensor, ...]
+
+
+def first_evaluation(fn: Callable, u: torch.Tensor, params: Params, *, owner: str, what: str, expects: str,
+                     arg: str, params_name: str, each: str, batch: int | None, start: str) -> torch.Tensor:
+    """``fn(u, *params)``, with a ``RuntimeError`` (a parameter whose shape does not fit
+    ``u`` fails inside the user's function) restated as a ``ValueError`` that names the
+    shapes of ``u`` and of the parameters. Entry points call it on the first
+    evaluation of a user function only.
+
+    Args:
+        owner: the entry point, first word of the message.
+        what: how the call is named ("F(z, *params)", "the residual").
+        expects: what expects the shapes ("F", "the residual").
+        arg, params_name, each: names of ``u``, of the parameters, and of one parameter.
+        batch: the batch size a batched parameter needs, ``None`` when unbatched.
+        start: the argument the batch size comes from ("z0", "u0").
+    """
+    try:
+        return fn(u, *params)
+    except RuntimeError as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        shapes = ", ".join(str(tuple(p.shape)) for p in params)
+        hint = (f" (a batched {each} needs the batch size {batch} of {start} as its leading dimension)."
+                if batch is not None else ".")
+        raise ValueError(
+            f"{owner}: {what} failed on its first evaluation, with {arg} of shape {tuple(u.shape)} and "
+            f"{params_name} of shapes [{shapes}]: {error}; check that every {each} has the shape (and dtype) "
+            f"{expects} expects{hint}"
+        ) from error
 
 
 @dataclasses.dataclass(frozen=True)
