@@ -3,12 +3,8 @@ outputs and (rank-averaged) gradients of one process solving the whole batch, fo
 uneven batch (5 samples on 2 ranks), fewer samples than ranks, a tuple of outputs,
 point-cloud Sinkhorn and a DistributedDataParallel model; and its input checks."""
 
-import os
 import pathlib
 import runpy
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,35 +12,11 @@ import torch
 import difflayers as dl
 
 WORKER = pathlib.Path(__file__).with_name("shard_worker.py")
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(tmp_path, world: int = 2) -> list[dict]:
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(outs[r])], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(world)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log
-    return [torch.load(out) for out in outs]
-
-
-def test_sharded_solves_match_one_process(tmp_path):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+def test_sharded_solves_match_one_process(run_ranks):
     reference = runpy.run_path(str(WORKER))["run_all"]()
-    ranks = _run_ranks(tmp_path)
+    ranks = run_ranks(WORKER)
     for results in ranks:  # every rank holds the whole batch's outputs and gradients
         assert results.keys() == reference.keys()
         for scenario, expected in reference.items():
