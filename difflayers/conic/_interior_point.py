@@ -37,6 +37,8 @@ from ._kkt import DualKKTFactorization, DualPrecomputation, KKTFactorization, _b
 
 __all__ = ["InteriorPoint"]
 
+_POINT = ("x", "z", "s", "tau", "kappa")  # the iterate of the embedding
+
 
 def _tolerance(atol: float, rtol: float, scale: torch.Tensor) -> torch.Tensor:
     """``atol + rtol * scale``, but at least ``eps^(3/4) * scale`` (scales are >= 1; about
@@ -357,7 +359,16 @@ class InteriorPoint(IterativeSolver):
             dx2, dz2 = dxs[:, 0], dzs[:, 0]
             v = dx2 - xt
             wdz2 = W.apply(ineq(dz2))
+            # The tau row's coefficient, -(v'P v + |W dz2|^2 + kappa / tau), uses
+            # q'dx2 + b'dz2 = -dx2'P dx2 - |W dz2|^2, which holds for the exact K. The
+            # regularized solve adds -eps |dx2|^2 to the left-hand side; it is small
+            # unless the data are rank deficient (A without full column rank and no P,
+            # or dependent equality rows), where dx2 grows like 1 / eps along the null
+            # space and only the regularized form keeps dtau bounded (Clarabel computes
+            # it this way). The more negative of the two is kept.
             denom = -(batch_dot(v, Pmv(v)) + batch_dot(wdz2, wdz2) + kappa / tau)
+            direct = batch_dot(c_tau, dx2) + batch_dot(b, dz2) - batch_dot(xt, Pmv(xt)) - kappa / tau
+            denom = torch.minimum(denom, direct)
 
             def step_length(dds_I, ddz, dtau, dk):
                 a = torch.minimum(layout.max_step(s_I, dds_I), layout.max_step(z_I, ineq(ddz)))
@@ -387,17 +398,28 @@ class InteriorPoint(IterativeSolver):
             new.update(measure(new))  # NaN anywhere in the new point makes err NaN
             bad = torch.isnan(new["err"])
             # Near the solution the KKT matrix can become too ill-conditioned for the
-            # working precision; a step that does not reduce the residuals there is
-            # rejected and the sample stops at the (reduced-accuracy) current point.
-            near = st["err"] <= 1e4
+            # working precision, and a cone's scaling can lose its last digits (in
+            # float32, once a second-order cone's s'Js is below rounding). Each sample
+            # keeps the point of its smallest residual; once that is within 1e4x the
+            # tolerances, steps that stop reducing the residuals (three without
+            # halving it, one growing it 100x) or that are not finite end the sample
+            # there, INACCURATE, instead of letting it drift into overflow.
+            broken = bad | (kkt.info > 0)
+            best_err = st["best_err"]
             slow = torch.where(new["err"] > 0.5 * st["err"], st["slow"] + 1, torch.zeros_like(st["slow"]))
-            stalled = near & ((slow >= 3) | (new["err"] > 100.0 * st["err"]))
+            stalled = (best_err <= 1e4) & ((slow >= 3) | (new["err"] > 100.0 * best_err) | broken)
+            improved = new["err"] < best_err  # False for NaN
+            for k in _POINT:
+                new["best_" + k] = torch.where(improved if new[k].dim() == 1 else improved[:, None], new[k], st["best_" + k])
+            new["best_err"] = torch.where(improved, new["err"], best_err)
             new["slow"] = slow
             if host_any(stalled):  # rare; one host read saves a dozen selects per step
-                keep = stalled[:, None]
-                new = {k: torch.where(keep if v.dim() > 1 else stalled, st[k], v) for k, v in new.items()}
-            failure = torch.where(stalled, int(Status.INACCURATE), new["failure"])
-            new["failure"] = torch.where(bad | (kkt.info > 0), int(Status.NONFINITE), failure)
+                back = {k: st["best_" + k] for k in _POINT}
+                back.update(measure(back))
+                new = {k: torch.where(stalled if v.dim() == 1 else stalled[:, None], back[k], v) if k in back else v
+                       for k, v in new.items()}
+            failure = torch.where(broken, int(Status.NONFINITE), new["failure"])
+            new["failure"] = torch.where(stalled, int(Status.INACCURATE), failure)
             return new
 
         def residual_fn(st):
@@ -406,9 +428,15 @@ class InteriorPoint(IterativeSolver):
         state.update(measure(state))
         zero = torch.zeros_like(state["err"])
         state["slow"] = torch.zeros(batch, dtype=torch.int64, device=device)  # steps without progress
+        state.update({"best_" + k: state[k] for k in _POINT}, best_err=state["err"])
         state, status, num_steps, err = iterate(
             step, residual_fn, state, rtol=0.0, atol=1.0, max_steps=self.max_steps, check_every=self.check_every
         )
+        # out of steps: the sample's best point, INACCURATE if it is within 1e4x the tolerances
+        back = (status == int(Status.MAX_STEPS)) & (state["best_err"] < err)
+        for k in _POINT:
+            state[k] = torch.where(back if state[k].dim() == 1 else back[:, None], state["best_" + k], state[k])
+        err = torch.where(back, state["best_err"], err)
         status = torch.where((status == int(Status.MAX_STEPS)) & (err <= 1e4), int(Status.INACCURATE), status)
         tau = state["tau"]
         x, z, s = state["x"], state["z"], state["s"]

@@ -247,6 +247,83 @@ def test_raise_names_the_failed_indices():
     assert "PRIMAL_INFEASIBLE" in str(info.value) and "DUAL_INFEASIBLE" in str(info.value)
 
 
+def _rank_deficient_batch(dtype):
+    """Rank-deficient LPs and QPs of one shape: ``A`` has dependent equality rows (twice
+    ``x1 + x2 = c``) or a null space with ``P`` absent, where the regularized KKT
+    steps grow like ``1 / regularization`` along the null space.
+
+    Rows: two equalities, then ``x >= 0`` as two orthant rows, then one free row
+    ``x1 - x2 <= 10`` (inactive unless the problem is unbounded along it).
+    """
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [1.0, -1.0]], dtype=dtype)
+    cases = [
+        # (P, q, b, expected status, optimal x or None)
+        (None, [1.0, 2.0], [1.0, 1.0, 0.0, 0.0, 10.0], Status.SUCCESS, [1.0, 0.0]),
+        (None, [1.0, 2.0], [1.0, 2.0, 0.0, 0.0, 10.0], Status.PRIMAL_INFEASIBLE, None),
+        ("I", [1.0, 2.0], [1.0, 1.0, 0.0, 0.0, 10.0], Status.SUCCESS, [1.0, 0.0]),
+        ("I", [1.0, 2.0], [1.0, 2.0, 0.0, 0.0, 10.0], Status.PRIMAL_INFEASIBLE, None),
+    ]
+    P = torch.stack([torch.zeros(2, 2, dtype=dtype) if c[0] is None else torch.eye(2, dtype=dtype) for c in cases])
+    q = torch.tensor([c[1] for c in cases], dtype=dtype)
+    b = torch.tensor([c[2] for c in cases], dtype=dtype)
+    return P, q, A.expand(len(cases), -1, -1), b, [c[3] for c in cases], [c[4] for c in cases]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dependent_equality_rows_end_solved_or_primal_infeasible(dtype):
+    P, q, A, b, expected, optima = _rank_deficient_batch(dtype)
+    cones = Cones(zero=2, nonneg=3)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        sol = solve_conic(P, q, A, b, cones, on_failure="nan")
+    assert sol.status.tolist() == [int(s) for s in expected]
+    for i, x in enumerate(optima):
+        if x is not None:
+            torch.testing.assert_close(sol.x[i], torch.tensor(x, dtype=dtype), rtol=0, atol=1e-4)
+    # the certificate: A'z = 0 on the equality rows, b'z < 0
+    clarabel = reference_solve(P[1:2].double(), q[1:2].double(), A[1:2].double(), b[1:2].double(), cones)
+    assert clarabel.status == ("PRIMAL_INFEASIBLE",)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lp_with_fewer_rows_than_variables_detects_unboundedness(dtype):
+    """min x1 - x2 s.t. x1 + x2 <= 1 (A has a null space, no P): unbounded along
+    (-1, 1); min -x1 - x2 on the same set is bounded with a face of optima."""
+    A = torch.tensor([[[1.0, 1.0]]], dtype=dtype).expand(2, -1, -1)
+    q = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=dtype)
+    b = torch.ones(2, 1, dtype=dtype)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        sol = solve_conic(None, q, A, b, Cones(nonneg=1), on_failure="nan")
+    assert sol.status.tolist() == [int(Status.DUAL_INFEASIBLE), int(Status.SUCCESS)]
+    assert abs(float(sol.x[1].sum()) - 1.0) < 1e-4
+
+
+def test_float32_second_order_cones_never_end_nonfinite_near_a_solution():
+    """Near a float32 SOCP solution a cone's s'Js falls below rounding; the step that
+    would break the scaling is rejected and the element ends INACCURATE (or SUCCESS)
+    at the last finite point, close to the float64 solution."""
+    torch.manual_seed(0)
+    B, n = 32, 12
+    L = torch.randn(B, n, n, dtype=torch.float64)
+    P = L @ L.transpose(1, 2) / n
+    q = torch.randn(B, n, dtype=torch.float64)
+    cones = Cones(zero=2, nonneg=6, soc=[4, 4, 5])
+    A = torch.randn(B, cones.dim, n, dtype=torch.float64)
+    b = torch.randn(B, cones.dim, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning):  # random data: some elements are infeasible
+        exact = solve_conic(P, q, A, b, cones, on_failure="nan")
+    with pytest.warns(RuntimeWarning):
+        sol = solve_conic(P.float(), q.float(), A.float(), b.float(), cones, on_failure="nan")
+    solved = exact.status == int(Status.SUCCESS)
+    assert int(solved.sum()) >= B // 2
+    assert not bool((sol.status[solved] == int(Status.NONFINITE)).any()), sol.status
+    near = (sol.status == int(Status.SUCCESS)) | (sol.status == int(Status.INACCURATE))
+    assert bool(near[solved].all()), sol.status
+    assert bool((sol.stats["residual"][solved] <= 1e4).all())  # INACCURATE: within 1e4x the tolerances
+    f32 = _objective(P[solved], q[solved], sol.x[solved].double())
+    f64 = _objective(P[solved], q[solved], exact.x[solved])
+    _assert_objective_close(f32, f64, 1e-3)
+
+
 # ------------------------------------------------------------- batch, dtype, inputs
 
 
