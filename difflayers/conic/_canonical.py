@@ -154,15 +154,20 @@ class CanonicalProgram:
         """The tensor fields by name (what a layer registers as buffers)."""
         return {name: getattr(self, name) for name in _TENSOR_FIELDS}
 
-    def check_parameters(self, params: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> int | None:
+    def check_parameters(
+        self, params: tuple[torch.Tensor, ...] | list[torch.Tensor], *, caller: str = "CanonicalProgram"
+    ) -> int | None:
         """Validate parameter tensors; return the batch size, or ``None`` if unbatched.
 
+        ``caller`` starts every error message (``"ConicLayer"`` for the layer).
+
         Raises:
-            TypeError: a value is not a floating-point ``torch.Tensor``.
+            TypeError: a value is not a floating-point ``torch.Tensor``, or the tensors
+                mix dtypes.
             ValueError: wrong number of tensors, wrong shapes, inconsistent batch sizes,
-                mixed dtypes or devices.
+                mixed devices.
         """
-        return check_parameter_tensors(self.parameters, params)
+        return check_parameter_tensors(self.parameters, params, caller=caller)
 
     def flatten_parameters(self, params: tuple[torch.Tensor, ...] | list[torch.Tensor], batch: int | None,
                            *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -178,13 +183,14 @@ class CanonicalProgram:
         columns.append(torch.ones(size, 1, dtype=dtype, device=device))
         return torch.cat(columns, dim=1)
 
-    def evaluate(self, *params: torch.Tensor, check_finite: bool = True) -> ConicData:
+    def evaluate(self, *params: torch.Tensor, check_finite: bool = True, caller: str = "CanonicalProgram") -> ConicData:
         """Evaluate the cone-program data for the given parameter tensors.
 
         Args:
             *params: one tensor per parameter, of shape ``param.shape`` or
                 ``(B, *param.shape)``; unbatched tensors are broadcast over the batch.
             check_finite: raise if a parameter holds NaN or Inf (one host sync).
+            caller: the name that starts every error message.
 
         Returns:
             :class:`ConicData` with a leading batch dimension (``B = 1`` when unbatched),
@@ -194,7 +200,7 @@ class CanonicalProgram:
             TypeError, ValueError: see :meth:`check_parameters`; ValueError also for NaN/Inf
                 values and for parameters on another device than the map.
         """
-        batch = self.check_parameters(params)
+        batch = self.check_parameters(params, caller=caller)
         ref = self.data_index
         if params:
             dtype, device = params[0].dtype, params[0].device
@@ -203,14 +209,14 @@ class CanonicalProgram:
             device = ref.device
         if device != ref.device:
             raise ValueError(
-                f"the parameter tensors are on {device} but the canonical maps are on {ref.device}; "
+                f"{caller}: the parameter tensors are on {device} but the canonical maps are on {ref.device}; "
                 f"move the layer with layer.to({str(device)!r}) (or the tensors to {ref.device})."
             )
         theta = self.flatten_parameters(params, batch, dtype=dtype, device=device)
         if check_finite and params and not bool(torch.isfinite(theta).all()):
             bad = [slot.name for value, slot in zip(params, self.parameters) if not bool(torch.isfinite(value).all())]
             raise ValueError(
-                f"parameter(s) {', '.join(repr(b) for b in bad)} contain NaN or Inf; "
+                f"{caller}: parameter(s) {', '.join(repr(b) for b in bad)} contain NaN or Inf; "
                 "the cone program is only defined for finite parameter values."
             )
         return self._apply(theta, batch is not None)
@@ -264,22 +270,26 @@ class CanonicalProgram:
 
 
 def check_parameter_tensors(
-    slots: tuple[ParameterSlot, ...], params: tuple[torch.Tensor, ...] | list[torch.Tensor]
+    slots: tuple[ParameterSlot, ...], params: tuple[torch.Tensor, ...] | list[torch.Tensor], *,
+    caller: str = "CanonicalProgram",
 ) -> int | None:
     """Validate one tensor per parameter slot; return the batch size, or ``None`` if unbatched.
 
     A tensor of shape ``slot.shape`` is unbatched (broadcast); one of shape
     ``(B, *slot.shape)`` is batched. All tensors must share dtype and device.
 
+    Every message starts with ``caller``.
+
     Raises:
-        TypeError: a value is not a real floating-point ``torch.Tensor``.
+        TypeError: a value is not a real floating-point ``torch.Tensor``, or the
+            tensors mix dtypes.
         ValueError: wrong number of tensors, wrong shapes, inconsistent batch sizes,
-            mixed dtypes or devices.
+            mixed devices.
     """
     if len(params) != len(slots):
         names = ", ".join(slot.name for slot in slots)
         raise ValueError(
-            f"expected {len(slots)} parameter tensors (for {names or 'no parameters'}), "
+            f"{caller}: expected {len(slots)} parameter tensors (for {names or 'no parameters'}), "
             f"got {len(params)}; pass one tensor per cvxpy parameter, in the order of `parameters`."
         )
     batch: int | None = None
@@ -288,24 +298,24 @@ def check_parameter_tensors(
     for value, slot in zip(params, slots):
         if not isinstance(value, torch.Tensor):
             raise TypeError(
-                f"parameter '{slot.name}' must be a torch.Tensor, got {type(value).__name__}; "
+                f"{caller}: parameter '{slot.name}' must be a torch.Tensor, got {type(value).__name__}; "
                 "convert it with torch.as_tensor(value, dtype=torch.float64)."
             )
         if not value.is_floating_point():
             raise TypeError(
-                f"parameter '{slot.name}' must have a real floating dtype, got {value.dtype}; "
+                f"{caller}: parameter '{slot.name}' must have a real floating dtype, got {value.dtype}; "
                 "cast it with .to(torch.float64)."
             )
         if first is None:
             first = value
         elif value.dtype != first.dtype:
-            raise ValueError(
-                f"parameter '{slot.name}' has dtype {value.dtype} but '{slots[0].name}' "
+            raise TypeError(
+                f"{caller}: parameter '{slot.name}' has dtype {value.dtype} but '{slots[0].name}' "
                 f"has {first.dtype}; cast all parameter tensors to one dtype."
             )
         elif value.device != first.device:
             raise ValueError(
-                f"parameter '{slot.name}' is on {value.device} but '{slots[0].name}' is on "
+                f"{caller}: parameter '{slot.name}' is on {value.device} but '{slots[0].name}' is on "
                 f"{first.device}; move all parameter tensors to one device."
             )
         shape = tuple(value.shape)
@@ -314,14 +324,14 @@ def check_parameter_tensors(
         if len(shape) == len(slot.shape) + 1 and shape[1:] == slot.shape:
             if batch is not None and shape[0] != batch:
                 raise ValueError(
-                    f"parameter '{slot.name}' has batch size {shape[0]} but '{batch_from}' has "
+                    f"{caller}: parameter '{slot.name}' has batch size {shape[0]} but '{batch_from}' has "
                     f"batch size {batch}; batched parameters must share one batch size "
                     "(unbatched ones are broadcast)."
                 )
             batch, batch_from = shape[0], slot.name
             continue
         raise ValueError(
-            f"parameter '{slot.name}' must have shape {slot.shape} or (batch, *{slot.shape}), "
+            f"{caller}: parameter '{slot.name}' must have shape {slot.shape} or (batch, *{slot.shape}), "
             f"got {shape}."
         )
     return batch

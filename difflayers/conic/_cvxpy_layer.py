@@ -143,19 +143,19 @@ class ConicLayer(torch.nn.Module):
     def __init__(self, problem, parameters, variables, *, solver=None, adjoint=None, on_failure: str = "raise"):
         super().__init__()
         if on_failure not in _ON_FAILURE:
-            raise ValueError(f"on_failure must be one of {_ON_FAILURE}, got {on_failure!r}.")
+            raise ValueError(f"ConicLayer: on_failure must be one of {_ON_FAILURE}, got {on_failure!r}.")
         self.solver = solver
         self.adjoint = adjoint
         self.on_failure = on_failure
         if isinstance(solver, CvxpyLayersBackend):
             if adjoint is not None:
                 raise ValueError(
-                    "adjoint= is not used with solver=CvxpyLayersBackend() (cvxpylayers differentiates "
+                    "ConicLayer: adjoint= is not used with solver=CvxpyLayersBackend() (cvxpylayers differentiates "
                     "its own solve); drop adjoint= or use the native solver."
                 )
             if on_failure != "raise":
                 raise ValueError(
-                    "on_failure= must be 'raise' with solver=CvxpyLayersBackend() (cvxpylayers raises on "
+                    "ConicLayer: on_failure= must be 'raise' with solver=CvxpyLayersBackend() (cvxpylayers raises on "
                     "failure); use the native solver for 'nan' or 'mask'."
                 )
             _check_lists(problem, parameters, variables)
@@ -216,9 +216,9 @@ class ConicLayer(torch.nn.Module):
         if self._program is None:
             if return_solution:
                 raise ValueError(
-                    "return_solution=True needs the native solver; CvxpyLayersBackend returns variables only."
+                    "ConicLayer: return_solution=True needs the native solver; CvxpyLayersBackend returns variables only."
                 )
-            check_parameter_tensors(self._slots, params)
+            check_parameter_tensors(self._slots, params, caller="ConicLayer")
             dtype = params[0].dtype if params else torch.float64
             return tuple(to_output(v, dtype) for v in self._cvxpylayer(*(to_compute(p) for p in params)))
 
@@ -227,7 +227,7 @@ class ConicLayer(torch.nn.Module):
         program = self.program
         # one dtype first (a mixed call is an error), then 16-bit parameters are cast to
         # float32 before the affine map, and the variables cast back (solvers._precision)
-        program.check_parameters(params)
+        program.check_parameters(params, caller="ConicLayer")
         maps = [t for t in (program.map_dense, program.map_values) if t is not None]
         if any(torch.finfo(t.dtype).bits < 32 for t in maps):
             warnings.warn(
@@ -238,7 +238,7 @@ class ConicLayer(torch.nn.Module):
                 stacklevel=3,
             )
         dtype = params[0].dtype if params else None
-        data = program.evaluate(*(to_compute(p) for p in params))
+        data = program.evaluate(*(to_compute(p) for p in params), caller="ConicLayer")
         solution = solve_conic(
             data.P,
             data.q,

@@ -89,11 +89,16 @@ def check_rhs(b: torch.Tensor, x0: torch.Tensor | None = None) -> None:
         )
     if not b.is_floating_point():
         raise TypeError(f"b must be a floating-point tensor; got dtype {b.dtype}.")
-    if x0 is not None and (x0.shape != b.shape or x0.dtype != b.dtype or x0.device != b.device):
-        raise ValueError(
-            f"x0 must match b in shape, dtype and device; got x0 {tuple(x0.shape)} {x0.dtype} {x0.device} "
-            f"and b {tuple(b.shape)} {b.dtype} {b.device}."
-        )
+    if x0 is None:
+        return
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0 must be None or a tensor shaped like b {tuple(b.shape)}; got {type(x0).__name__}.")
+    if x0.shape != b.shape:
+        raise ValueError(f"x0 must match b in shape; got x0 {tuple(x0.shape)} and b {tuple(b.shape)}.")
+    if x0.dtype != b.dtype:
+        raise TypeError(f"x0 has dtype {x0.dtype} but b has dtype {b.dtype}; they must match, e.g. x0.to(b.dtype).")
+    if x0.device != b.device:
+        raise ValueError(f"x0 is on device {x0.device} but b is on {b.device}; they must match, e.g. x0.to(b.device).")
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -334,7 +334,7 @@ def test_dtype_errors(lp_program):
         prog.evaluate(c.long(), G, h)
     with pytest.raises(TypeError, match="'h' must be a torch.Tensor"):
         prog.evaluate(c, G, h.numpy())
-    with pytest.raises(ValueError, match="'G' has dtype torch.float32"):
+    with pytest.raises(TypeError, match="'G' has dtype torch.float32"):
         prog.evaluate(c, G.float(), h)
 
 

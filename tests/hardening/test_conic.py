@@ -316,7 +316,7 @@ def conic_layer_parts():
     [
         ("nan", ValueError, "parameter\\(s\\) 'param\\d+' contain NaN or Inf"),
         ("inf", ValueError, "contain NaN or Inf"),
-        ("dtype", ValueError, "has dtype torch.float32 but 'param\\d+' has torch.float64"),
+        ("dtype", TypeError, "ConicLayer: parameter 'param\\d+' has dtype torch.float32 but 'param\\d+' has torch.float64"),
         ("integer", TypeError, "must have a real floating dtype, got torch.int64"),
         ("device", ValueError, "is on meta but 'param\\d+' is on cpu"),
         ("all on another device", ValueError, "the parameter tensors are on meta but the canonical maps are on cpu"),

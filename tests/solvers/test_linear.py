@@ -287,8 +287,10 @@ def test_shape_dtype_device_errors():
         linear_solve(A, b.to("meta"))
     with pytest.raises(ValueError, match="preconditioner has shape"):
         linear_solve(A, b, GMRES(), preconditioner=torch.eye(3, dtype=D))
-    with pytest.raises(ValueError, match="x0 must match b"):
+    with pytest.raises(TypeError, match="x0 has dtype torch.float32 but b has dtype torch.float64"):
         linear_solve(A, b, x0=b.float())
+    with pytest.raises(ValueError, match="x0 must match b in shape"):
+        linear_solve(A, b, x0=b[:, :-1])
 
 
 def test_type_errors():
