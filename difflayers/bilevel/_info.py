@@ -73,15 +73,19 @@ class HypergradientInfo:
 
     def describe(self) -> str:
         """One line: estimator, outer value, residuals and iterations (synchronizes once)."""
+        def worst(residual, steps, status):
+            if residual.numel() == 0:  # an empty batch: nothing was solved
+                return "(empty batch)"
+            return (f"{float(residual.max()):.2e} ({int(steps.max())} steps, "
+                    f"{Status(int(status.max())).name})")
+
         parts = [
             self.estimator.describe(),
             f"outer {float(self.value.detach().sum()):.6g}",
-            f"inner residual {float(self.inner_residual.max()):.2e} ({int(self.inner_steps.max())} steps, "
-            f"{Status(int(self.inner_status.max())).name})",
+            f"inner residual {worst(self.inner_residual, self.inner_steps, self.inner_status)}",
         ]
         if self.linear_residual is not None:
             parts.append(
-                f"linear residual {float(self.linear_residual.max()):.2e} ({int(self.linear_steps.max())} steps, "
-                f"{Status(int(self.linear_status.max())).name})"
+                f"linear residual {worst(self.linear_residual, self.linear_steps, self.linear_status)}"
             )
         return ", ".join(parts)

@@ -130,7 +130,8 @@ def solve_qp(
         bound = ex[name]
         if bound is None:
             continue
-        check_all(~torch.isnan(bound), lambda _, name=name: ValueError(
+        # checked as passed: a shared bound expanded to an empty batch would hide its NaN
+        check_all(~torch.isnan(args[name].detach()), lambda _, name=name: ValueError(
             f"QPLayer: {name} contains NaN; use -inf/+inf for absent bounds."
         ))
         # infinite bounds become rows that always hold with slack 1 (zero dual)

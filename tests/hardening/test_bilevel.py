@@ -146,6 +146,7 @@ def test_empty_batch_and_batch_of_one(name):
     grad, info = bl.hypergradient(outer, inner, torch.zeros(0, 3, dtype=D), torch.zeros(0, 3, dtype=D),
                                   estimator=ESTIMATORS[name](), batched=True)
     assert grad.shape == (0, 3) and info.inner_status.shape == (0,)
+    assert "outer 0" in info.describe()  # the one-line summary of an empty batch
     lam = torch.tensor([[0.3, 0.5, 0.7], [0.2, 0.2, 0.2]], dtype=D)
     both, _ = bl.hypergradient(outer, inner, torch.zeros(2, 3, dtype=D), lam, estimator=ESTIMATORS[name](),
                                batched=True)

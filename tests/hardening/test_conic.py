@@ -142,6 +142,11 @@ def test_empty_batch_and_batch_of_one(adjoint):
     assert x0.shape == (0, 2) and sol0.status.shape == (0,)
     x0.sum().backward()
     assert q0.grad.shape == (0, 2)
+    # shared data is checked as passed, also when the batch is empty
+    with pytest.raises(ValueError, match="QPLayer: lb contains NaN"):
+        layer(P, q0, G, h, lb=torch.tensor([float("nan"), 0.0], dtype=D))
+    with pytest.raises(ValueError, match="QPLayer: G contains NaN or Inf"):
+        layer(P, q0, G * float("inf"), h)
     q1 = torch.tensor([[-1.0, -1.0]], dtype=D)
     tol = 2e-2 if isinstance(adjoint, Smoothed) else 1e-6  # Smoothed returns a central-path point
     torch.testing.assert_close(layer(P, q1, G, h), torch.full((1, 2), 0.5, dtype=D), rtol=tol, atol=tol)
