@@ -29,7 +29,7 @@ import dataclasses
 import torch
 
 from ..solvers import IterativeSolver, Status, batch_dot, iterate
-from ..solvers._tracing import host_any
+from ..solvers._tracing import compiling, host_any
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
 from ._exact import ExactKKT
@@ -38,6 +38,25 @@ from ._kkt import DualKKTFactorization, DualPrecomputation, KKTFactorization, _b
 __all__ = ["InteriorPoint"]
 
 _POINT = ("x", "z", "s", "tau", "kappa")  # the iterate of the embedding
+_STEP_INPUTS = _POINT + ("Px", "Atz", "Ax")  # what a step computes from
+
+
+class _DiscardRows(torch.autograd.Function):
+    """Identity whose backward zeroes the gradient of the batch rows listed in
+    ``discard["rows"]`` (filled in by the step after this was applied)."""
+
+    @staticmethod
+    def forward(ctx, t, discard):
+        ctx.discard = discard
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = ctx.discard.get("rows")
+        if rows is None:
+            return grad, None
+        rows = rows.reshape(rows.shape + (1,) * (grad.dim() - 1))
+        return torch.where(rows, torch.zeros_like(grad), grad), None
 
 
 def _tolerance(atol: float, rtol: float, scale: torch.Tensor) -> torch.Tensor:
@@ -237,7 +256,7 @@ class InteriorPoint(IterativeSolver):
         def with_eq(v_E, v_I):
             return torch.cat([v_E, v_I], dim=1)
 
-        def Pmv(x):
+        def Pmv(x, P=P):
             return _bmv(P, x) if P is not None else torch.zeros_like(x)
 
         q_norm, b_norm = _inf_norm(q), _inf_norm(b)
@@ -286,10 +305,10 @@ class InteriorPoint(IterativeSolver):
         a_scale = eps_inf * torch.maximum(one, a_norm)
         b_scale = eps_inf * torch.maximum(one, b_norm)
 
-        def measure(st):
+        def measure(st, P=P, q=q, A=A, b=b):
             """Normalized residuals and certificates (the driver's convergence test)."""
             x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
-            Px = Pmv(x)
+            Px = Pmv(x, P)
             Atz = _bmtv(A, z)
             Ax = _bmv(A, x)
             Ax_s = Ax + s
@@ -323,7 +342,9 @@ class InteriorPoint(IterativeSolver):
                 failure = torch.where(p_inf, int(Status.PRIMAL_INFEASIBLE), failure)
             return {"err": err, "failure": failure, "Px": Px, "Atz": Atz, "Ax": Ax}
 
-        def step(st):
+        def step(st, P, q, A, b, pre, discard):
+            """One predictor-corrector step; ``discard`` (unrolled only) receives the
+            rows whose step is thrown away."""
             x, z, s, tau, kappa = st["x"], st["z"], st["s"], st["tau"], st["kappa"]
             Px, Atz, Ax = st["Px"], st["Atz"], st["Ax"]
             rx = Px + Atz + q * tau[:, None]
@@ -366,8 +387,8 @@ class InteriorPoint(IterativeSolver):
             # or dependent equality rows), where dx2 grows like 1 / eps along the null
             # space and only the regularized form keeps dtau bounded (Clarabel computes
             # it this way). The more negative of the two is kept.
-            denom = -(batch_dot(v, Pmv(v)) + batch_dot(wdz2, wdz2) + kappa / tau)
-            direct = batch_dot(c_tau, dx2) + batch_dot(b, dz2) - batch_dot(xt, Pmv(xt)) - kappa / tau
+            denom = -(batch_dot(v, Pmv(v, P)) + batch_dot(wdz2, wdz2) + kappa / tau)
+            direct = batch_dot(c_tau, dx2) + batch_dot(b, dz2) - batch_dot(xt, Pmv(xt, P)) - kappa / tau
             denom = torch.minimum(denom, direct)
 
             def step_length(dds_I, ddz, dtau, dk):
@@ -395,7 +416,7 @@ class InteriorPoint(IterativeSolver):
                 "tau": tau + alpha * c_dt,
                 "kappa": kappa + alpha * c_dk,
             }
-            new.update(measure(new))  # NaN anywhere in the new point makes err NaN
+            new.update(measure(new, P, q, A, b))  # NaN anywhere in the new point makes err NaN
             bad = torch.isnan(new["err"])
             # Near the solution the KKT matrix can become too ill-conditioned for the
             # working precision, and a cone's scaling can lose its last digits (in
@@ -420,7 +441,28 @@ class InteriorPoint(IterativeSolver):
                        for k, v in new.items()}
             failure = torch.where(broken, int(Status.NONFINITE), new["failure"])
             new["failure"] = torch.where(stalled, int(Status.INACCURATE), failure)
+            if discard is not None:
+                discard["rows"] = stalled | broken
             return new
+
+        # Unrolled differentiation backpropagates through every step. A step that is
+        # thrown away (rejected, or not finite) gets a zero gradient from the select,
+        # and zero times its non-finite local derivatives is NaN; its inputs are
+        # therefore passed through _DiscardRows, which zeroes those rows' gradient.
+        # (Not while torch.compile traces, which cannot follow that Function's state;
+        # compiled unrolled solves keep the plain selects.)
+        unrolled = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (P, q, A, b))
+        unrolled = unrolled and not compiling()
+        data = (P, q, A, b, pre)
+
+        def guarded_step(st):
+            if not unrolled:
+                return step(st, *data, None)
+            discard = {}
+            st = {k: _DiscardRows.apply(v, discard) if k in _STEP_INPUTS else v for k, v in st.items()}
+            P_, q_, A_, b_ = (None if t is None else _DiscardRows.apply(t, discard) for t in data[:4])
+            pre_ = None if pre is None else pre.map(lambda t: _DiscardRows.apply(t, discard))
+            return step(st, P_, q_, A_, b_, pre_, discard)
 
         def residual_fn(st):
             return st["err"], zero
@@ -430,7 +472,8 @@ class InteriorPoint(IterativeSolver):
         state["slow"] = torch.zeros(batch, dtype=torch.int64, device=device)  # steps without progress
         state.update({"best_" + k: state[k] for k in _POINT}, best_err=state["err"])
         state, status, num_steps, err = iterate(
-            step, residual_fn, state, rtol=0.0, atol=1.0, max_steps=self.max_steps, check_every=self.check_every
+            guarded_step, residual_fn, state, rtol=0.0, atol=1.0, max_steps=self.max_steps,
+            check_every=self.check_every,
         )
         # out of steps: the sample's best point, INACCURATE if it is within 1e4x the tolerances
         back = (status == int(Status.MAX_STEPS)) & (state["best_err"] < err)

@@ -22,6 +22,8 @@ against the unregularized ``K`` remove its effect (and recover float32 accuracy)
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..solvers._tracing import compiling, host_any
@@ -216,6 +218,13 @@ class DualPrecomputation:
         APA = A @ self.PinvAt
         self.APA = 0.5 * (APA + APA.transpose(1, 2))
         self.data_scale = self.APA.diagonal(dim1=1, dim2=2).abs().amax(-1).clamp_min(1.0)
+
+    def map(self, fn) -> DualPrecomputation:
+        """A copy with ``fn`` applied to every tensor (e.g. a differentiable identity)."""
+        out = copy.copy(self)
+        for name in ("P", "A", "L", "Pinv", "PinvAt", "APA", "data_scale"):
+            setattr(out, name, fn(getattr(self, name)))
+        return out
 
     @staticmethod
     def try_build(P: torch.Tensor | None, A: torch.Tensor) -> DualPrecomputation | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import difflayers as dl
 from difflayers import ConvergenceError
 from difflayers.conic import Cones, InteriorPoint, solve_conic
 from difflayers.solvers import Status
@@ -322,6 +323,28 @@ def test_float32_second_order_cones_never_end_nonfinite_near_a_solution():
     f32 = _objective(P[solved], q[solved], sol.x[solved].double())
     f64 = _objective(P[solved], q[solved], exact.x[solved])
     _assert_objective_close(f32, f64, 1e-3)
+
+
+def test_unrolled_gradient_stays_finite_when_steps_are_rejected():
+    """float32 SOCPs where steps near the solution are rejected (non-finite or not
+    reducing the residuals): backpropagating through the thrown-away steps must not
+    turn their non-finite local derivatives into NaN, neither in the element's rows
+    nor in a shared (broadcast) matrix that sums every row."""
+    torch.manual_seed(0)
+    B, n = 32, 12
+    L = torch.randn(n, n, dtype=torch.float64)
+    P = (L @ L.T / n).float().requires_grad_()
+    cones = Cones(zero=2, nonneg=6, soc=[4, 4, 5])
+    q = torch.randn(B, n).requires_grad_()
+    A = torch.randn(B, cones.dim, n)
+    b = torch.randn(B, cones.dim)
+    with pytest.warns(RuntimeWarning):
+        sol = solve_conic(P.expand(B, n, n), q, A, b, cones, adjoint=dl.Unroll(), on_failure="mask")
+    inaccurate = sol.status == int(Status.INACCURATE)
+    assert int(inaccurate.sum()) >= 4
+    gP, gq = torch.autograd.grad(sol.x.sum(), (P, q))
+    assert bool(gP.isfinite().all()) and bool(gq.isfinite().all())
+    assert bool((gq[inaccurate] != 0).any(1).all())  # not zeroed: the kept steps' derivative
 
 
 # ------------------------------------------------------------- batch, dtype, inputs
