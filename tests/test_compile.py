@@ -269,3 +269,101 @@ def test_qp_implicit_breaks_the_graph_at_the_kkt_function():
     layer = dl.QPLayer(solver=dl.conic.InteriorPoint(max_steps=1, check_every=1, polish=False))
     with pytest.raises(torch._dynamo.exc.Unsupported, match="custom jvp"):
         _compiled(lambda P, q: layer(P, q, lb=lb, ub=ub).sum(), "eager")(P, q.clone().requires_grad_())
+
+
+# ------------------------------------------------------- Newton-type, linear, cvxpy, PDE
+
+
+def test_statuses_compare_as_ints_under_compile():
+    # Dynamo (torch 2.13) folds ``tensor == IntEnum`` to a Python bool: the library
+    # compares statuses with int(Status.X), so a Newton breakdown stays visible.
+    def solve(c):
+        # F(z) = z^2 - c: the Jacobian 2z is singular at the start z = 0 for every sample
+        sol = dl.root_find(lambda z, c: z * z - c, torch.zeros_like(c), c,
+                           solver=dl.solvers.Newton(max_steps=3, check_every=3), throw=False, return_solution=True)
+        return sol.status, sol.converged
+
+    c = torch.tensor([[2.0], [3.0]], dtype=DT)
+    with torch.no_grad():
+        eager = solve(c)
+        compiled = _compiled(solve, "eager")(c)
+    assert (eager[0] == int(dl.Status.BREAKDOWN)).all()
+    for e, k in zip(eager, compiled):
+        assert isinstance(k, torch.Tensor) and torch.equal(k, e)
+
+
+@pytest.mark.parametrize("api", ["root_find", "least_squares"])
+def test_newton_type_unroll_backward_fullgraph(api):
+    W = 0.3 * torch.randn(4, 4, dtype=DT, generator=torch.Generator().manual_seed(3))
+    if api == "root_find":
+        fn, solver = dl.root_find, dl.solvers.Newton(max_steps=6, check_every=6)
+        problem = lambda z, x: z + torch.tanh(z @ W.T) - x  # noqa: E731
+    else:
+        fn, solver = dl.least_squares, dl.solvers.LevenbergMarquardt(max_steps=20, check_every=20)
+        problem = lambda z, x: torch.cat([z - x, 0.1 * z.square()], -1)  # noqa: E731
+
+    def loss(x):
+        return (fn(problem, torch.zeros_like(x), x, solver=solver, adjoint=dl.Unroll(), throw=False) ** 2).sum()
+
+    x = torch.randn(5, 4, dtype=DT, generator=torch.Generator().manual_seed(4))
+
+    def value_and_grad(f):
+        xr = x.clone().requires_grad_()
+        value = f(xr)
+        return value, torch.autograd.grad(value, xr)[0]
+
+    for e, c in zip(value_and_grad(loss), value_and_grad(_compiled(loss))):
+        _close(c, e, tol=1e-10)
+
+
+@pytest.mark.parametrize("solver", [dl.solvers.CG(max_steps=6, check_every=6), dl.solvers.Cholesky()],
+                         ids=["cg", "cholesky"])
+def test_linear_solve_backward_fullgraph(solver):
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(3, 6, 6, dtype=DT, generator=g)
+    A = A @ A.mT + 6 * torch.eye(6, dtype=DT)
+    b = torch.randn(3, 6, dtype=DT, generator=g)
+
+    def loss(A, b):
+        return (dl.linear_solve(A, b, solver, throw=False).value * torch.arange(6, dtype=DT)).sum()
+
+    def value_and_grads(f):
+        Ar, br = A.clone().requires_grad_(), b.clone().requires_grad_()
+        value = f(Ar, br)
+        return (value, *torch.autograd.grad(value, (Ar, br)))
+
+    for e, c in zip(value_and_grads(loss), value_and_grads(_compiled(loss))):
+        _close(c, e, tol=1e-10)
+
+
+def test_conic_layer_forward_fullgraph():
+    cp = pytest.importorskip("cvxpy")
+    x, c, h = cp.Variable(3), cp.Parameter(3), cp.Parameter(1)
+    problem = cp.Problem(cp.Minimize(c @ x + cp.sum_squares(x)), [x >= 0, cp.sum(x) <= h])
+    layer = dl.ConicLayer(problem, [c, h], [x], solver=dl.conic.InteriorPoint(max_steps=10, check_every=10),
+                          on_failure="mask")
+    cc = torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(6))
+    hh = torch.ones(4, 1, dtype=DT)
+    with torch.no_grad():
+        eager = layer(cc, hh)[0]
+        compiled = _compiled(lambda cc, hh: layer(cc, hh)[0], "eager")(cc, hh)
+    _close(compiled, eager)
+
+
+def test_pde_layer_forward_fullgraph():
+    from difflayers import pde
+
+    grid = pde.Grid((8, 8))
+    bc = pde.Dirichlet()
+    newton = dl.solvers.Newton(max_steps=1, check_every=1, line_search=False,
+                               linear_solver=dl.solvers.CG(max_steps=30, check_every=30))
+    layer = pde.PDELayer(lambda u, k, f: pde.diffusion(u, k, grid, bc) - f, grid=grid, symmetric=True, linear=True,
+                         solver=newton, preconditioner=lambda u, k, f: pde.Multigrid(grid, k, bc), throw=False)
+    k = 1.0 + 0.5 * torch.rand(2, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(7))
+    f = torch.ones(8, 8, dtype=DT)
+    with torch.no_grad():
+        eager = layer(k, f, return_solution=True)
+        compiled = _compiled(lambda k, f: layer(k, f, return_solution=True), "eager")(k, f)
+    assert bool(eager.converged.all())
+    _close(compiled.value, eager.value)
+    assert torch.equal(compiled.status, eager.status)

@@ -66,9 +66,9 @@ class HypergradientInfo:
     @property
     def converged(self) -> torch.Tensor:
         """``[B]`` bool: inner (and linear, where there is one) solves succeeded."""
-        ok = self.inner_status == Status.SUCCESS
+        ok = self.inner_status == int(Status.SUCCESS)
         if self.linear_status is not None:
-            ok = ok & (self.linear_status == Status.SUCCESS)
+            ok = ok & (self.linear_status == int(Status.SUCCESS))
         return ok
 
     def describe(self) -> str:

@@ -24,6 +24,7 @@ import torch
 from torch.func import grad, grad_and_value, vjp
 
 from ..solvers import FixedPointProblem, MinimizeProblem, RootProblem, compute_dtype
+from ..solvers._tracing import check_all
 from ._tree import Layout, Tree, check_tree, leaves
 
 __all__ = ["Objective", "FixedPoint", "Root", "BilevelProblem", "as_inner"]
@@ -129,11 +130,11 @@ class BilevelProblem:
                         f"hypergradient: {label} is on {t.device} but w0 is on {self.device}; expected one device. "
                         f"Move it, e.g. .to('{self.device}')."
                     )
-                if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-                    raise ValueError(
+                if t.device.type != "meta":  # one host read (a device-side assertion while compiled)
+                    check_all(torch.isfinite(t.detach()), lambda _, label=label: ValueError(
                         f"hypergradient: {label} contains NaN or Inf; expected finite values. Check how it was "
                         "computed (a diverged previous step, a division by zero)."
-                    )
+                    ))
         if self.batched and self.w_layout.batch != self.lam_layout.batch:
             raise ValueError(
                 f"hypergradient: batched=True but w0 has batch size {self.w_layout.batch} and lam "

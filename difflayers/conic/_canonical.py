@@ -19,11 +19,13 @@ torch op.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from ..solvers._tracing import check_all
 from ._cones import Cones
 
 __all__ = ["CanonicalProgram", "ConicData", "canonicalize"]
@@ -71,7 +73,7 @@ class ParameterSlot:
     @property
     def size(self) -> int:
         """Number of entries of the parameter."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,7 +98,7 @@ class VariableSlot:
         if self.symmetric:
             k = self.shape[0]
             return k * (k + 1) // 2
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -213,12 +215,21 @@ class CanonicalProgram:
                 f"move the layer with layer.to({str(device)!r}) (or the tensors to {ref.device})."
             )
         theta = self.flatten_parameters(params, batch, dtype=dtype, device=device)
-        if check_finite and params and not bool(torch.isfinite(theta).all()):
-            bad = [slot.name for value, slot in zip(params, self.parameters) if not bool(torch.isfinite(value).all())]
-            raise ValueError(
-                f"{caller}: parameter(s) {', '.join(repr(b) for b in bad)} contain NaN or Inf; "
-                "the cone program is only defined for finite parameter values."
-            )
+        if check_finite and params:
+
+            def error(failed):
+                if failed is None:  # traced: a device-side assertion, without names
+                    names = " values"
+                else:
+                    bad = [slot.name for value, slot in zip(params, self.parameters)
+                           if not bool(torch.isfinite(value).all())]
+                    names = "(s) " + ", ".join(repr(b) for b in bad)
+                return ValueError(
+                    f"{caller}: parameter{names} contain NaN or Inf; "
+                    "the cone program is only defined for finite parameter values."
+                )
+
+            check_all(torch.isfinite(theta.detach()), error)
         return self._apply(theta, batch is not None)
 
     def _apply(self, theta: torch.Tensor, batched: bool) -> ConicData:

@@ -28,6 +28,7 @@ from ..solvers import (
 )
 from ..solvers._precision import to_compute, to_output, without_autocast
 from ..solvers._problem import first_evaluation
+from ..solvers._tracing import check_all, compiling
 from ._banded import BlockCholeskyFactorization
 from ._grid import Grid
 from ._multigrid import Preconditioned
@@ -307,6 +308,10 @@ class PDELayer(torch.nn.Module):
             raise ValueError(f"PDELayer: positive={self.positive} names arguments beyond the {len(theta)} given.")
         positive = [theta[i].detach() for i in self.positive]
         signs = torch.stack([(t > 0).all() for t in positive]).all() if positive else finite.new_ones(())
+        if compiling():  # device-side assertions: no host read while traced
+            check_all(finite, lambda _: ValueError("PDELayer: u0 or theta contains NaN or Inf."))
+            check_all(signs, lambda _: ValueError(f"PDELayer: theta{list(self.positive)} must be strictly positive."))
+            return u0
         finite, signs = torch.stack([finite, signs]).tolist()
         if not finite:
             bad = [i for i, t in enumerate(theta) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -387,8 +392,12 @@ class PDELayer(torch.nn.Module):
                 sol = solve(z0.detach(), tuple(t.detach() for t in theta))
             z = sol.value
         ok = sol.converged
-        all_ok = bool(ok.all())  # the one host sync after the solve
-        if not all_ok:
+        if compiling() and not self.throw:
+            # traced: no host read; failed samples are masked as below, without a warning
+            all_ok = False
+        else:
+            all_ok = bool(ok.all())  # the one host sync after the solve
+        if not all_ok and not compiling():
             failed = Solution(value=z.detach().reshape(u0.shape), status=sol.status, stats=sol.stats)
             if self.throw:
                 raise ConvergenceError("PDELayer", failed, hint=(

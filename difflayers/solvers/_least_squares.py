@@ -60,7 +60,7 @@ def _dense_jacobian(fn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _bad_status(status: torch.Tensor) -> torch.Tensor:
-    return (status == Status.BREAKDOWN) | (status == Status.NONFINITE)
+    return (status == int(Status.BREAKDOWN)) | (status == int(Status.NONFINITE))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

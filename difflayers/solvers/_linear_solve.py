@@ -16,6 +16,7 @@ from ._minres import MINRES
 from ._operator import DenseOperator, LinearOperator, aslinearoperator
 from ._precision import explain_upcast, to_compute, to_output, without_autocast
 from ._solution import Solution
+from ._tracing import check_all
 
 __all__ = ["linear_solve", "Auto"]
 
@@ -72,11 +73,11 @@ class Auto(IterativeSolver, LinearSolver):
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     if tensor.device.type == "meta":  # nothing to read
         return
-    if not bool(torch.isfinite(tensor).all()):  # one host sync, at the boundary only
-        raise ValueError(
-            f"linear_solve: {name} contains NaN or Inf. Check how it was computed (a division by zero, "
-            "an overflow in float32) before solving."
-        )
+    # one host sync, at the boundary only (a device-side assertion while compiled)
+    check_all(torch.isfinite(tensor.detach()), lambda _: ValueError(
+        f"linear_solve: {name} contains NaN or Inf. Check how it was computed (a division by zero, "
+        "an overflow in float32) before solving."
+    ))
 
 
 def _check_matrix(name: str, matrix: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

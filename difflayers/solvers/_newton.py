@@ -128,7 +128,7 @@ class Newton(NonlinearSolver):
         sol = self._solver().solve(jac, -f / scale, x0=x0)
         d = sol.value * scale
         finite = torch.isfinite(d).all(dim=1)
-        failed = ~finite | (sol.status == Status.BREAKDOWN) | (sol.status == Status.NONFINITE)
+        failed = ~finite | (sol.status == int(Status.BREAKDOWN)) | (sol.status == int(Status.NONFINITE))
         # A non-finite F is the driver's NONFINITE, not a breakdown of the linear solve;
         # F = 0 exactly (a root) is success whatever the solver says about it.
         failed = failed & torch.isfinite(f).all(dim=1) & (f != 0).any(dim=1)

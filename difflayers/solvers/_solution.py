@@ -132,7 +132,7 @@ class Solution:
     @property
     def converged(self) -> torch.Tensor:
         """Boolean tensor ``[B]``: which samples reached ``Status.SUCCESS``."""
-        return self.status == Status.SUCCESS
+        return self.status == int(Status.SUCCESS)  # an int: Dynamo folds tensor == IntEnum to a bool
 
     def raise_if_failed(self, what: str = "solve") -> Solution:
         """Raise ``ConvergenceError`` if any sample failed; return ``self`` otherwise.
