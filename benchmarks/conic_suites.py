@@ -4,7 +4,9 @@ Each suite holds 100 problems (four batches of 25) with known optima. For each, 
 table gives our statuses, the largest and median relative objective error against
 Clarabel (solved one problem at a time at tolerance 1e-10), the wall time of one
 batched ``solve_conic`` call per batch against Clarabel's loop, and for a mixed
-batch of feasible, infeasible and unbounded LPs the detected statuses.
+batch of feasible, infeasible and unbounded LPs the detected statuses. Two batches of
+rank-deficient LPs (dependent equality rows; fewer rows than variables and no ``P``),
+where the KKT matrix is singular, give our statuses and how many match Clarabel's.
 
     python -m benchmarks.run conic_suites [--quick]
 """
@@ -16,7 +18,7 @@ import warnings
 
 import torch
 
-from difflayers.conic import solve_conic
+from difflayers.conic import Cones, solve_conic
 from difflayers.solvers import Status
 from difflayers.testing import (
     concat_problems,
@@ -96,8 +98,61 @@ def run(repeats: int = 3, device: str = "cpu", quick: bool = False) -> str:
         "max rel. objective error": "—", "median": "—",
         "difflayers batched (ms)": "—", "Clarabel loop (ms)": "—",
     })
+    rows += _rank_deficient_rows(quick)
     head = list(rows[0])
     lines = [f"### Cone-program suites, float64, {device}: {environment()}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _rank_deficient(batch: int, seed: int):
+    """Two batches of rank-deficient LPs, half of each feasible and bounded.
+
+    * dependent equality rows: ``A_eq`` stacks two random rows and a copy of them,
+      with ``x >= 0``; the copy's right-hand side is consistent (optimal) or shifted
+      (primal infeasible);
+    * fewer rows than variables: ``min q'x s.t. G x <= h`` with 3 rows and 6 variables;
+      ``q = -G'y`` with ``y > 0`` (bounded) or random (unbounded).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n, half = 6, batch // 2
+    E = torch.randn(batch, 2, n, generator=g, dtype=torch.float64)
+    A_eq = torch.cat([E, E], dim=1)
+    x0 = torch.rand(batch, n, generator=g, dtype=torch.float64) + 0.1
+    b_eq = (A_eq @ x0[..., None])[..., 0]
+    b_eq[half:, 2:] += 1.0  # the copy asks for other values: no point satisfies both
+    q = torch.rand(batch, n, generator=g, dtype=torch.float64) + 0.1  # bounded below on x >= 0
+    A1 = torch.cat([A_eq, -torch.eye(n, dtype=torch.float64).expand(batch, n, n)], dim=1)
+    b1 = torch.cat([b_eq, torch.zeros(batch, n, dtype=torch.float64)], dim=1)
+    first = (None, q, A1, b1, Cones(zero=4, nonneg=n))
+    G = torch.randn(batch, 3, n, generator=g, dtype=torch.float64)
+    h = torch.rand(batch, 3, generator=g, dtype=torch.float64) + 0.1  # x = 0 strictly feasible
+    y = torch.rand(batch, 3, generator=g, dtype=torch.float64) + 0.1
+    q2 = -(G.transpose(1, 2) @ y[..., None])[..., 0]
+    q2[half:] = torch.randn(batch - half, n, generator=g, dtype=torch.float64)
+    second = (None, q2, G, h, Cones(nonneg=3))
+    return [("dependent equality rows", first), ("3 rows, 6 variables, no P", second)]
+
+
+def _rank_deficient_rows(quick: bool):
+    rows = []
+    batch = 8 if quick else 40
+    for name, (P, q, A, b, cones) in _rank_deficient(batch, seed=7):
+        with warnings.catch_warnings():  # infeasible and unbounded elements are the point here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sol = solve_conic(P, q, A, b, cones, on_failure="mask")
+        names = [Status(int(s)).name for s in sol.status]
+        ref = reference_solve(P, q, A, b, cones)
+        same = sum(ours == theirs for ours, theirs in zip(names, ref.status))
+        both = torch.tensor([o == t == "SUCCESS" for o, t in zip(names, ref.status)])
+        err = ((q[both] * sol.x[both]).sum(1) - ref.objective[both]).abs() / ref.objective[both].abs().clamp_min(1.0)
+        rows.append({
+            "suite": f"rank-deficient LPs: {name} ({batch})",
+            "statuses": ", ".join(f"{k} {names.count(k)}" for k in dict.fromkeys(names))
+            + f"; {same}/{batch} as Clarabel",
+            "max rel. objective error": f"{float(err.max()):.1e}" if len(err) else "—",
+            "median": f"{float(err.median()):.1e}" if len(err) else "—",
+            "difflayers batched (ms)": "—", "Clarabel loop (ms)": "—",
+        })
+    return rows
