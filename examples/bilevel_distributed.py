@@ -221,4 +221,5 @@ if __name__ == "__main__":
         main(quick=args.quick, plot=args.plot or None, save=args.save or None, seed=args.seed)
     finally:
         if distributed:
+            dist.barrier()  # every rank done before any tears down (gloo aborts otherwise)
             dist.destroy_process_group()

@@ -72,6 +72,9 @@ def main(rank: int, world: int, port: int, out: str) -> None:
         params = train(model, features[rank * share:(rank + 1) * share], targets[rank * share:(rank + 1) * share])
         torch.save({name.removeprefix("module."): p for name, p in params.items()}, out)
     finally:
+        # every rank done before any tears down: gloo aborts a process (std::terminate)
+        # whose peer closes the connection while its threads still use it
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

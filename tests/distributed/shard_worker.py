@@ -142,6 +142,9 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     try:
         torch.save(run_all(), out)
     finally:
+        # every rank done before any tears down: gloo aborts a process (std::terminate)
+        # whose peer closes the connection while its threads still use it
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
