@@ -7,6 +7,7 @@ error against a reference, with ratios to each anchor.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -98,3 +99,23 @@ def environment() -> str:
     cpu = os.cpu_count()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return f"torch {torch.__version__}, {cpu} CPUs ({threads} torch threads), GPU: {gpu}"
+
+
+def argument_parser(doc: str | None, *, quick_help: str = "small sizes, for a smoke test",
+                    output_help: str = "also write the table to this markdown file") -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--repeats``, ``--device``, ``--quick`` and
+    ``--output``; a benchmark adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--output", help=output_help)
+    return parser
+
+
+def emit(table: str, output: str | None) -> None:
+    """Print a benchmark's table and, with ``output``, also write it there."""
+    print(table)
+    if output:
+        with open(output, "w") as f:
+            f.write(table + "\n")

@@ -33,7 +33,6 @@ Run: ``python -m benchmarks.run compile [--quick]`` or ``python -m benchmarks.co
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 import warnings
@@ -44,7 +43,7 @@ import torch._dynamo
 
 import difflayers as dl
 
-from ._harness import environment, measure
+from ._harness import argument_parser, emit, environment, measure
 
 # untimed calls before the timed ones: eager runs that allocate large temporaries take a
 # few calls to reach their steady speed (the C allocator's thresholds adapt)
@@ -244,18 +243,11 @@ def run(repeats: int = 5, device: str = "cpu", quick: bool = False, threads: tup
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser = argument_parser(__doc__)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--output", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     table = run(repeats=args.repeats, device=args.device, quick=args.quick, threads=tuple(args.threads))
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    emit(table, args.output)
 
 
 if __name__ == "__main__":

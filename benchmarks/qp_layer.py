@@ -32,7 +32,6 @@ options ``run.py`` does not forward.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import time
@@ -43,7 +42,7 @@ import torch
 
 from difflayers.testing import qp_kkt_gradients, qp_to_conic, random_qp, reference_solve
 
-from ._harness import Row, environment, format_table, measure, peak_memory_mib
+from ._harness import Row, argument_parser, emit, environment, format_table, measure, peak_memory_mib
 
 SIZES_FULL = [(B, n) for B in (64, 256, 1024) for n in (50, 100, 200)]
 SIZES_QUICK = [(64, 50)]
@@ -234,13 +233,9 @@ def run(repeats: int = 5, device: str = "cpu", quick: bool = False, threads: int
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="only B=64, n=50")
+    parser = argument_parser(__doc__, quick_help="only B=64, n=50", output_help="also write the tables to this markdown file")
     parser.add_argument("--threads", type=int, default=1, help="torch and diffcp threads (default 1)")
     parser.add_argument("--all", action="store_true", help="run cvxpylayers at every size (slow)")
-    parser.add_argument("--output", help="also write the tables to this markdown file")
     parser.add_argument("--sizes", help="comma-separated BxN pairs, e.g. 64x50,256x100 (default: the full sweep)")
     args = parser.parse_args(argv)
     sizes = None
@@ -248,10 +243,7 @@ def main(argv=None) -> None:
         sizes = [tuple(int(v) for v in item.lower().split("x")) for item in args.sizes.split(",")]
     table = run(repeats=args.repeats, device=args.device, quick=args.quick, threads=args.threads,
                 all_anchors=args.all, sizes=sizes)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    emit(table, args.output)
 
 
 if __name__ == "__main__":

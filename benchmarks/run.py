@@ -6,8 +6,9 @@ Names: see ``BENCHMARKS``. Each prints a markdown table (also written to
 
 from __future__ import annotations
 
-import argparse
 import importlib
+
+from ._harness import argument_parser, emit
 
 BENCHMARKS = {
     "ridge_hypergradient": "benchmarks.ridge_hypergradient",
@@ -24,19 +25,12 @@ BENCHMARKS = {
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argument_parser(__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--output", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     module = importlib.import_module(BENCHMARKS[args.name])
     table = module.run(repeats=args.repeats, device=args.device, quick=args.quick)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    emit(table, args.output)
 
 
 if __name__ == "__main__":

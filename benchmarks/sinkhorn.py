@@ -33,7 +33,6 @@ Run: ``python -m benchmarks.run sinkhorn [--quick]`` or
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -43,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from ._harness import Row, environment, format_table, measure
+from ._harness import Row, argument_parser, emit, environment, format_table, measure
 
 EPSILON = 0.05
 
@@ -235,22 +234,15 @@ def run(repeats: int = 5, device: str = "cpu", quick: bool = False, threads: int
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="n = m = 200, 20 iterations")
+    parser = argument_parser(__doc__, quick_help="n = m = 200, 20 iterations")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n", type=int)
     parser.add_argument("--iters", type=int)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--output", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     table = run(repeats=args.repeats, device=args.device, quick=args.quick, threads=args.threads, n=args.n,
                 iters=args.iters, dtype=args.dtype)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    emit(table, args.output)
 
 
 if __name__ == "__main__":
