@@ -95,10 +95,5 @@ def ridge_factory():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The bilevel test problems are tiny: one intra-op thread avoids oversubscription
-    slowdowns on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Many small problems: one intra-op thread (``one_thread`` in tests/conftest.py)."""
