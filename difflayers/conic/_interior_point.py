@@ -29,6 +29,7 @@ import dataclasses
 import torch
 
 from ..solvers import IterativeSolver, Status, batch_dot, iterate
+from ..solvers._driver import _where
 from ..solvers._tracing import compiling, host_any
 from ._cone_algebra import ConeLayout
 from ._cones import Cones
@@ -430,15 +431,13 @@ class InteriorPoint(IterativeSolver):
             slow = torch.where(new["err"] > 0.5 * st["err"], st["slow"] + 1, torch.zeros_like(st["slow"]))
             stalled = (best_err <= 1e4) & ((slow >= 3) | (new["err"] > 100.0 * best_err) | broken)
             improved = new["err"] < best_err  # False for NaN
-            for k in _POINT:
-                new["best_" + k] = torch.where(improved if new[k].dim() == 1 else improved[:, None], new[k], st["best_" + k])
-            new["best_err"] = torch.where(improved, new["err"], best_err)
+            new.update(_where(improved, {"best_" + k: new[k] for k in _POINT + ("err",)},
+                              {"best_" + k: st["best_" + k] for k in _POINT + ("err",)}))
             new["slow"] = slow
             if host_any(stalled):  # rare; one host read saves a dozen selects per step
                 back = {k: st["best_" + k] for k in _POINT}
                 back.update(measure(back))
-                new = {k: torch.where(stalled if v.dim() == 1 else stalled[:, None], back[k], v) if k in back else v
-                       for k, v in new.items()}
+                new.update(_where(stalled, back, new))
             failure = torch.where(broken, int(Status.NONFINITE), new["failure"])
             new["failure"] = torch.where(stalled, int(Status.INACCURATE), failure)
             if discard is not None:
@@ -477,8 +476,7 @@ class InteriorPoint(IterativeSolver):
         )
         # out of steps: the sample's best point, INACCURATE if it is within 1e4x the tolerances
         back = (status == int(Status.MAX_STEPS)) & (state["best_err"] < err)
-        for k in _POINT:
-            state[k] = torch.where(back if state[k].dim() == 1 else back[:, None], state["best_" + k], state[k])
+        state.update(_where(back, {k: state["best_" + k] for k in _POINT}, state))
         err = torch.where(back, state["best_err"], err)
         status = torch.where((status == int(Status.MAX_STEPS)) & (err <= 1e4), int(Status.INACCURATE), status)
         tau = state["tau"]
